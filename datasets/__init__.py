@@ -1,0 +1,1 @@
+"""Dataset adapters shipped with fdsbench (installed as ``fdsbench.datasets``)."""

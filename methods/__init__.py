@@ -1,0 +1,1 @@
+"""Method plugins shipped with fdsbench (installed as ``fdsbench.methods``)."""
