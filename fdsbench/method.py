@@ -43,6 +43,9 @@ class Method:
             config = build_config(self.Config, self.presets, None, config)
         self.config = config
         self.device = device
+        #: a folder the harness gives the method for its own caches (e.g. fitted weights per support
+        #: set); None outside a benchmark run
+        self.workdir: Path | None = None
 
     @classmethod
     def from_preset(cls, preset: str | None = None, overrides: dict | None = None, device: str = "cpu"):

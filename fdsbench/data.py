@@ -1,0 +1,311 @@
+"""Dataset adapters: turn a dataset root into an index of image records, decode images and masks
+lazily, and say which objects each fold tests.
+
+An adapter subclass implements :meth:`DatasetAdapter.scan` (walk the publisher's layout, return
+:class:`ImageRecord` s whose ``masks`` describe *how* to decode each class mask) and declares its
+``folds``. Everything else — the cached index, exact mask decoding, size checks, class lists, normal
+pools, train/test splits per fold — is shared here.
+
+Mask specs (``ImageRecord.masks[class_name]``), decoded by :func:`decode_mask`:
+
+* ``{"png": rel_path, "threshold": t}`` — pixels with value > t (anti-aliased 0/255 masks: t=127);
+* ``{"png": rel_path, "value": v}`` — pixels equal to v (class-index masks);
+* ``{"polygons": [[x1, y1, x2, y2, ...], ...]}`` — filled polygons (COCO ``segmentation``),
+  coordinates truncated to int as the official loaders do;
+* several specs in a list are OR-ed (e.g. two annotations of one class).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from .errors import DataError, FdsError
+from .io import atomic_write_json, content_hash, read_gray, read_image
+from .types import NormalPool, TrainSource
+
+INDEX_VERSION = 1
+
+
+@dataclass
+class ImageRecord:
+    """One image of a dataset. ``id`` is unique within the dataset (a relative path works well);
+    ``masks`` maps each defect class present to its mask spec; an image with no class and
+    ``normal=True`` is a defect-free image of ``object`` (its product's normal pool)."""
+
+    id: str
+    path: str  # relative to the dataset root
+    object: str
+    masks: dict[str, Any] = field(default_factory=dict)
+    normal: bool = False
+    split: str = ""  # publisher's split where it matters ("train"/"test" for MVTec AD), else ""
+    size: tuple[int, int] | None = None  # (H, W) when known from the scan
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(self.masks)
+
+
+@dataclass
+class Problem:
+    """A finding of ``datasets check``: severity "error" or "warning", the file, what is wrong."""
+
+    severity: str
+    path: str
+    message: str
+
+    def __str__(self):
+        return f"{self.severity}: {self.path}: {self.message}"
+
+
+class DatasetIndex:
+    """All records of a dataset root, with lookups by class and by object."""
+
+    def __init__(self, records: Sequence[ImageRecord]):
+        self.records: dict[str, ImageRecord] = {}
+        for r in records:
+            if r.id in self.records:
+                raise DataError(f"duplicate image id {r.id} ({r.path} and {self.records[r.id].path})")
+            self.records[r.id] = r
+        self.images_of: dict[str, list[str]] = {}
+        self.normals: dict[str, list[str]] = {}
+        for r in self.records.values():
+            for c in r.masks:
+                self.images_of.setdefault(f"{r.object}/{c}", []).append(r.id)
+            if r.normal:
+                self.normals.setdefault(r.object, []).append(r.id)
+        for ids in (*self.images_of.values(), *self.normals.values()):
+            ids.sort()
+
+    @property
+    def objects(self) -> list[str]:
+        return sorted({r.object for r in self.records.values()})
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(self.images_of)
+
+    def classes_of(self, obj: str) -> list[str]:
+        return [c for c in self.classes if c.split("/", 1)[0] == obj]
+
+
+def decode_mask(spec, root: Path, size: tuple[int, int] | None) -> np.ndarray:
+    """Decode one mask spec (see module docstring) to a bool array [H, W]."""
+    if isinstance(spec, list):
+        out = None
+        for s in spec:
+            m = decode_mask(s, root, size)
+            out = m if out is None else (out | m)
+        return out
+    if "png" in spec:
+        path = root / spec["png"]
+        arr = read_gray(path)
+        if "value" in spec:
+            return arr == spec["value"]
+        return arr > spec.get("threshold", 0)
+    if "polygons" in spec:
+        if size is None:
+            raise DataError("polygon mask needs the image size")
+        from PIL import Image, ImageDraw
+
+        canvas = Image.new("L", (size[1], size[0]), 0)
+        draw = ImageDraw.Draw(canvas)
+        for poly in spec["polygons"]:
+            pts = np.asarray(poly, dtype=np.float64).astype(np.int32).reshape(-1, 2)
+            if len(pts) >= 3:
+                draw.polygon([tuple(map(int, p)) for p in pts], fill=1, outline=1)
+            elif len(pts) > 0:
+                draw.point([tuple(map(int, p)) for p in pts], fill=1)
+        return np.asarray(canvas, dtype=bool)
+    raise DataError(f"unknown mask spec {spec}")
+
+
+class DatasetAdapter:
+    """Base class of every dataset format. Subclasses set ``name`` (via ``@register_dataset``),
+    ``folds`` (test objects of each fold) and implement :meth:`scan`."""
+
+    name: ClassVar[str] = ""
+    folds: ClassVar[list[list[str]]] = []
+    #: protocol defaults for this dataset (e.g. crop size); manifests record the values used
+    protocol_defaults: ClassVar[dict[str, Any]] = {}
+    #: how masks of this format are binarised, shown by ``datasets check``
+    mask_rule: ClassVar[str] = ""
+    #: layout summary used in error messages
+    layout: ClassVar[str] = ""
+
+    def __init__(self, root: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None, **options):
+        if root is None:
+            raise FdsError(f"dataset '{self.name}' needs a data root: pass DATA_ROOT=/path/to/{self.name}")
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FdsError(f"data root {self.root} does not exist or is not a folder "
+                           f"(dataset '{self.name}' expects: {self.layout})")
+        self.options = options
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "index"
+        self._index: DatasetIndex | None = None
+
+    # ---- to implement ------------------------------------------------------------------------
+    def scan(self) -> list[ImageRecord]:
+        raise NotImplementedError
+
+    # ---- index -------------------------------------------------------------------------------
+    def tree_signature(self) -> str:
+        """Hash of (path, size, mtime) of every file under the root: changes when the tree does."""
+        entries = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            for f in sorted(filenames):
+                st = os.stat(os.path.join(dirpath, f))
+                entries.append((os.path.relpath(os.path.join(dirpath, f), self.root), st.st_size, st.st_mtime_ns))
+        return content_hash([INDEX_VERSION, self.name, sorted(self.options.items()), entries], 32)
+
+    @property
+    def index(self) -> DatasetIndex:
+        if self._index is None:
+            self._index = DatasetIndex(self._cached_scan())
+        return self._index
+
+    def _cached_scan(self) -> list[ImageRecord]:
+        sig = self.tree_signature()
+        key = content_hash([str(self.root.resolve()), self.name], 16)
+        path = self.cache_dir / f"{self.name}-{key}.json"
+        if path.is_file():
+            try:
+                cached = json.loads(path.read_text())
+                if cached.get("signature") == sig:
+                    return [ImageRecord(**{**r, "size": tuple(r["size"]) if r.get("size") else None})
+                            for r in cached["records"]]
+            except (OSError, ValueError, TypeError, KeyError):
+                pass  # a damaged cache is rebuilt
+        records = self.scan()
+        if not records:
+            raise DataError(f"no images found under {self.root}; dataset '{self.name}' expects: {self.layout}")
+        try:
+            atomic_write_json(path, {"signature": sig, "created": time.time(),
+                                     "records": [asdict(r) for r in records]})
+        except OSError:
+            pass  # read-only cache dir: the index is simply not cached
+        return records
+
+    @property
+    def dataset_hash(self) -> str:
+        """Hash of the index content (ids, classes, mask specs) — recorded in manifests."""
+        return content_hash([[r.id, r.object, sorted(r.masks), r.normal, r.split]
+                             for r in sorted(self.index.records.values(), key=lambda r: r.id)])
+
+    # ---- decoding ----------------------------------------------------------------------------
+    def record(self, image_id: str) -> ImageRecord:
+        try:
+            return self.index.records[image_id]
+        except KeyError:
+            raise DataError(f"image id '{image_id}' is not in dataset '{self.name}' at {self.root} "
+                            f"(was the manifest made from another tree?)") from None
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        return read_image(self.root / self.record(image_id).path)
+
+    def image_size(self, image_id: str) -> tuple[int, int]:
+        rec = self.record(image_id)
+        if rec.size is not None:
+            return tuple(rec.size)
+        from PIL import Image
+
+        try:
+            with Image.open(self.root / rec.path) as im:
+                return im.size[1], im.size[0]
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read image {self.root / rec.path}: {e}") from None
+
+    def load_mask(self, image_id: str, cls: str) -> np.ndarray:
+        """Bool mask [H, W] of class ``cls`` (a class name, or ``"*"`` = union of all defects)."""
+        rec = self.record(image_id)
+        size = self.image_size(image_id)
+        if cls == "*":
+            m = np.zeros(size, dtype=bool)
+            for c in rec.masks:
+                m |= self.load_mask(image_id, c)
+            return m
+        if cls not in rec.masks:
+            raise DataError(f"image {rec.path} has no mask of class '{cls}' "
+                            f"(classes: {', '.join(rec.classes) or 'none'})")
+        mask = decode_mask(rec.masks[cls], self.root, size)
+        if mask.shape != tuple(size):
+            raise DataError(f"mask of class '{cls}' for {rec.path} is {mask.shape[1]}x{mask.shape[0]} but the "
+                            f"image is {size[1]}x{size[0]}; re-export the mask at the image size")
+        return mask
+
+    # ---- folds -------------------------------------------------------------------------------
+    @property
+    def n_folds(self) -> int:
+        return len(self.folds)
+
+    def check_fold(self, fold: int) -> None:
+        if not 0 <= fold < max(self.n_folds, 1):
+            raise FdsError(f"fold {fold} does not exist for dataset '{self.name}' "
+                           f"(folds: {', '.join(map(str, range(self.n_folds)))})")
+
+    def test_objects(self, fold: int) -> list[str]:
+        self.check_fold(fold)
+        objs = self.index.objects
+        if not self.folds:
+            return objs
+        return [o for o in self.folds[fold] if o in objs]
+
+    def train_objects(self, fold: int) -> list[str]:
+        test = set(self.test_objects(fold))
+        return [o for o in self.index.objects if o not in test]
+
+    def test_classes(self, fold: int) -> list[str]:
+        objs = set(self.test_objects(fold))
+        return [c for c in self.index.classes if c.split("/", 1)[0] in objs]
+
+    def normal_pool(self, obj: str) -> NormalPool:
+        return NormalPool(self.index.normals.get(obj, []), self.load_image)
+
+    def train_source(self, fold: int, seed: int) -> TrainSource:
+        objs = set(self.train_objects(fold))
+        if not objs:
+            raise FdsError(f"dataset '{self.name}' has no training objects for fold {fold} "
+                           f"(all objects are test objects); meta-trained methods cannot run here")
+        images_of = {c: ids for c, ids in self.index.images_of.items() if c.split("/", 1)[0] in objs}
+        samples = sorted((i, c) for c, ids in images_of.items() for i in ids)
+        return TrainSource(dataset=self.name, fold=fold, seed=seed, samples=samples, images_of=images_of,
+                           load_image=self.load_image,
+                           load_mask=lambda i, c: self.load_mask(i, c.split("/", 1)[1] if "/" in c else c),
+                           normal_ids={o: ids for o, ids in self.index.normals.items() if o in objs})
+
+    # ---- validation --------------------------------------------------------------------------
+    def check(self) -> list[Problem]:
+        """Decode every image and mask once and report problems (``fdsbench datasets check``).
+        Adapters extend this with format-specific checks (unknown category ids, fold files...)."""
+        problems: list[Problem] = []
+        for obj in (o for fold in self.folds for o in fold):
+            if obj not in self.index.objects:
+                problems.append(Problem("warning", str(self.root / obj), "object named in a fold but absent"))
+        for rec in self.index.records.values():
+            try:
+                size = read_image(self.root / rec.path).shape[:2]
+            except DataError as e:
+                problems.append(Problem("error", rec.path, str(e)))
+                continue
+            for cls, spec in rec.masks.items():
+                try:
+                    m = decode_mask(spec, self.root, size)
+                except DataError as e:
+                    problems.append(Problem("error", rec.path, f"class {cls}: {e}"))
+                    continue
+                if m.shape != tuple(size):
+                    problems.append(Problem("error", rec.path, f"mask of class {cls} is {m.shape[1]}x{m.shape[0]}"
+                                                               f", image is {size[1]}x{size[0]}"))
+                elif not m.any():
+                    problems.append(Problem("warning", rec.path, f"mask of class {cls} is empty"))
+        return problems
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FDSBENCH_CACHE", Path.home() / ".cache" / "fdsbench")).expanduser()

@@ -1,0 +1,189 @@
+"""Episode manifests: generated ONCE from (dataset, fold, shot, seed, protocol), written to a JSON
+file with a content hash, and read by every method of a comparison — so results are paired and do
+not depend on worker count, batch size or number of processes.
+
+Protocols (``protocol["name"]``):
+
+* ``fss`` — few-shot defect segmentation as in SOFS (protocol-sofs.md §3): every image of every test
+  class is a query once; ``shot`` support images of the same class (never the query); with
+  ``crops: true`` (non-resizing, the default) each small-defect support carries ``crops_per_shot``
+  defect-centred crop boxes of ``crop_size`` (1-shot: 4 crops, 5-shot: 1 crop each) and a support
+  whose defect area exceeds ``area_resize_ratio`` is used whole.
+* ``fad`` — few-shot anomaly detection (protocol-sofs.md §8): per test object, ``shot`` defect-free
+  supports (train split if the dataset has one) and every other image of the object as a query;
+  ground truth = union of all defects.
+* ``per_support`` — fit-per-support methods (nbr-cap.md §5): per test class and seed, ``shot``
+  support images and all other images of the class as queries.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .crops import is_large, sample_crop
+from .data import DatasetAdapter
+from .errors import FdsError
+from .io import atomic_write_json, content_hash
+from .types import Episode, SupportRef
+
+MANIFEST_VERSION = 1
+
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "fss": {"crops": True, "crop_size": 518, "crops_per_shot": None, "area_resize_ratio": 0.01},
+    "fad": {},
+    "per_support": {},
+}
+
+
+def resolve_protocol(name: str, shot: int, overrides: dict | None = None, dataset_defaults: dict | None = None):
+    if name not in PROTOCOLS:
+        raise FdsError(f"unknown protocol '{name}'; known: {', '.join(PROTOCOLS)}")
+    proto = {"name": name, **PROTOCOLS[name]}
+    for key, value in {**(dataset_defaults or {}).get(name, {}), **(overrides or {})}.items():
+        if key not in proto:
+            raise FdsError(f"protocol '{name}' has no option '{key}'; options: {', '.join(sorted(proto)) or 'none'}")
+        proto[key] = value
+    if name == "fss" and proto["crops_per_shot"] is None:
+        proto["crops_per_shot"] = 4 if shot == 1 else 1  # SOFS: 1-shot = 4 crops, 5-shot = 1 crop each
+    return proto
+
+
+def _rng(seed: int, *keys) -> np.random.Generator:
+    """Independent stream per (seed, class, ...): one class's episodes never shift another's."""
+    digest = hashlib.sha256(json.dumps([seed, *keys]).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _draw(pool: list[str], k: int, rng: np.random.Generator) -> list[str]:
+    """k ids from pool: without replacement if enough, else with replacement (§3.2)."""
+    if len(pool) >= k:
+        return [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
+    return [pool[i] for i in rng.integers(0, len(pool), size=k)]
+
+
+def _support_ref(ds: DatasetAdapter, image_id: str, cls: str, proto: dict, rng) -> SupportRef:
+    if proto.get("name") != "fss" or not proto.get("crops"):
+        return SupportRef(image_id)
+    mask = ds.load_mask(image_id, cls)
+    if is_large(mask, proto["area_resize_ratio"]):
+        return SupportRef(image_id, None)
+    return SupportRef(image_id, tuple(sample_crop(mask, proto["crop_size"], rng)
+                                      for _ in range(proto["crops_per_shot"])))
+
+
+def generate(ds: DatasetAdapter, fold: int, shot: int, seed: int, proto: dict, progress=None) -> dict:
+    """Build the manifest dict (episodes + provenance). Deterministic in its arguments."""
+    if shot < 1:
+        raise FdsError(f"shot must be >= 1, got {shot}")
+    test_objects = ds.test_objects(fold)
+    if not test_objects:
+        raise FdsError(f"fold {fold} of dataset '{ds.name}' has no objects under {ds.root} "
+                       f"(expected one of: {', '.join(ds.folds[fold]) if ds.folds else 'any'})")
+    episodes: list[Episode] = []
+    skipped: list[str] = []
+    name = proto["name"]
+    if name in ("fss", "per_support"):
+        classes = ds.test_classes(fold)
+        if not classes:
+            raise FdsError(f"fold {fold} of dataset '{ds.name}' has no defect classes under {ds.root}")
+        for cls in classes:
+            ids = ds.index.images_of[cls]
+            cname = cls.split("/", 1)[1]
+            if len(ids) < 2:
+                skipped.append(f"{cls}: only {len(ids)} image(s), a query needs a different support image")
+                continue
+            rng = _rng(seed, name, cls)
+            if name == "fss":
+                for q in ids:
+                    pool = [i for i in ids if i != q]
+                    sup = _draw(pool, shot, rng)
+                    refs = tuple(_support_ref(ds, s, cname, proto, rng) for s in sup)
+                    episodes.append(Episode(len(episodes), cls, refs, (q,)))
+                    if progress:
+                        progress()
+            else:
+                if len(ids) <= shot:
+                    skipped.append(f"{cls}: {len(ids)} images, needs more than shot={shot}")
+                    continue
+                sup = _draw(ids, shot, rng)
+                queries = tuple(i for i in ids if i not in set(sup))
+                episodes.append(Episode(len(episodes), cls, tuple(SupportRef(s) for s in sup), queries))
+    elif name == "fad":
+        for obj in test_objects:
+            recs = [r for r in ds.index.records.values() if r.object == obj]
+            has_split = any(r.split == "train" for r in recs)
+            normals = sorted(r.id for r in recs if r.normal and (r.split == "train" or not has_split))
+            if not normals:
+                skipped.append(f"{obj}: no defect-free images for the support")
+                continue
+            sup = _draw(normals, shot, _rng(seed, name, obj))
+            queries = tuple(sorted(r.id for r in recs if r.id not in set(sup)
+                                   and (r.split != "train" if has_split else True)))
+            if not any(ds.record(q).masks for q in queries):
+                skipped.append(f"{obj}: no defective query images")
+                continue
+            episodes.append(Episode(len(episodes), f"{obj}/*", tuple(SupportRef(s) for s in sup), queries))
+    if not episodes:
+        raise FdsError(f"fold {fold} of dataset '{ds.name}' yields no episodes for protocol '{name}' "
+                       f"with shot={shot}: " + "; ".join(skipped[:5]))
+    body = {
+        "version": MANIFEST_VERSION, "dataset": ds.name, "dataset_hash": ds.dataset_hash, "fold": fold,
+        "shot": shot, "seed": seed, "protocol": proto, "skipped": skipped,
+        "episodes": [e.to_json() for e in episodes],
+    }
+    body["hash"] = content_hash(body)
+    return body
+
+
+class Manifest:
+    """A loaded manifest: provenance fields plus the episode list."""
+
+    def __init__(self, body: dict, path: Path | None = None):
+        self.body, self.path = body, path
+        self.episodes = [Episode.from_json(e) for e in body["episodes"]]
+
+    def __getattr__(self, key):
+        try:
+            return self.__dict__["body"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    @property
+    def n_queries(self) -> int:
+        return sum(len(e.queries) for e in self.episodes)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        path = Path(path)
+        try:
+            body = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise FdsError(f"cannot read manifest {path}: {e}") from None
+        stored = body.pop("hash", None)
+        if stored != content_hash(body):
+            raise FdsError(f"manifest {path} does not match its content hash (edited or truncated); delete it "
+                           f"and it will be regenerated")
+        body["hash"] = stored
+        return cls(body, path)
+
+
+def manifest_path(workdir: Path, ds: DatasetAdapter, fold: int, shot: int, seed: int, proto: dict) -> Path:
+    key = content_hash([ds.dataset_hash, proto], 10)
+    return Path(workdir) / "manifests" / f"{ds.name}_fold{fold}_{shot}shot_seed{seed}_{proto['name']}_{key}.json"
+
+
+def get_manifest(workdir: Path, ds: DatasetAdapter, fold: int, shot: int, seed: int, proto: dict,
+                 progress=None) -> Manifest:
+    """Load the manifest for these parameters, generating and writing it the first time."""
+    path = manifest_path(workdir, ds, fold, shot, seed, proto)
+    if path.is_file():
+        m = Manifest.load(path)
+        if m.dataset_hash == ds.dataset_hash:
+            return m
+    body = generate(ds, fold, shot, seed, proto, progress)
+    atomic_write_json(path, body)
+    return Manifest(body, path)
