@@ -1,0 +1,243 @@
+"""Threshold-free score metrics: AUROC, F1-max and AUPRO, exact and binned.
+
+All functions take scores "as given" (no sigmoid, no normalisation); the caller has checked the
+range. Conventions (the usual ones of the anomaly-detection literature, MVTec AD evaluation):
+
+* A pixel/image is predicted positive at threshold ``t`` iff ``score >= t``.
+* **AUROC** is the Mann-Whitney statistic ``P(s+ > s-) + 0.5 P(s+ = s-)`` — identical to the area
+  under the ROC curve with ties handled by linear interpolation (scikit-learn's ``roc_auc_score``).
+  Computed from integer counts, so it is order-independent and exactly reproducible.
+* **F1-max** is ``max_t 2TP/(2TP+FP+FN)`` over all thresholds ``t``; the maximum is attained at a
+  positive score, so only those are visited. The reported threshold is the smallest ``t`` reaching
+  the maximum (scikit-learn's ``precision_recall_curve`` + ``argmax`` convention).
+* **AUPRO** (Bergmann et al., MVTec AD): PRO(t) = mean over all ground-truth connected components
+  ``r`` (of all images) of the fraction of ``r``'s pixels with score >= t; FPR(t) over all
+  negative pixels of all images. The curve from (0, 0) through every distinct threshold, linearly
+  interpolated, is integrated up to FPR = ``fpr_limit`` (0.3) and divided by ``fpr_limit`` so the
+  value lies in [0, 1]. PRO is a pixel-weighted TPR with weight 1/(R |r|) per positive pixel, which
+  is how it is computed here (exactly, without a threshold grid).
+
+Undefined metrics are ``None``: AUROC without positives or without negatives, F1-max without
+positives, AUPRO without regions or without negative pixels.
+
+Binned mode (:class:`BinnedScores`): ``bins`` equal-width bins on [0, 1]; constant memory
+(three int64 histograms). Bin edges are exact thresholds of the pixel set, so the binned curves
+pass through points of the exact curves; the remaining error is *inside* bins and is bounded,
+from the histograms alone, by (see :meth:`BinnedScores.compute`)
+
+* AUROC: ``|err| <= 0.5 * sum_b pos_b neg_b / (P N)`` (pairs that share a bin get credit 0.5
+  instead of their true 0 or 1);
+* F1-max: ``0 <= exact - binned <= max_b UB_b - binned`` with ``UB_b = 2(TP_>b + pos_b) /
+  (TP_>b + pos_b + FP_>b + P)``, the best F1 any threshold inside bin b could reach;
+* AUPRO: ``|err| <= (sum_b dFPR_b dPRO_b) / fpr_limit + bins * 2**-41`` over the bins below the
+  FPR limit (both curves lie in the same box per bin), plus the fixed-point rounding of PRO weights.
+
+These bounds are returned with the values (``*_error_bound``) and are checked in the tests.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+PRO_FIXED_BITS = 40
+"""Binned AUPRO accumulates PRO weights in int64 fixed point (2**40 per region) so that merged
+histograms are bit-identical whatever the order; rounding error <= 2**-41 per (region, bin)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# exact
+# ---------------------------------------------------------------------------------------------
+
+def _exact_div(num: int, den: int) -> float:
+    """Correctly rounded num/den for Python ints (no intermediate float overflow or rounding)."""
+    return int(num) / int(den)
+
+
+def auroc_exact(pos: np.ndarray, neg: np.ndarray, neg_sorted: bool = False) -> float | None:
+    """Mann-Whitney AUROC of positive scores ``pos`` against negative scores ``neg``."""
+    P, N = int(pos.size), int(neg.size)
+    if P == 0 or N == 0:
+        return None
+    ns = neg if neg_sorted else np.sort(neg, kind="stable")
+    less = np.searchsorted(ns, pos, side="left")
+    leq = np.searchsorted(ns, pos, side="right")
+    # 2*sum(less) + sum(eq) = sum(less) + sum(leq); int64 is exact up to 9.2e18 pairs
+    num = int(less.sum(dtype=np.int64)) + int(leq.sum(dtype=np.int64))
+    return _exact_div(num, 2 * P * N)
+
+
+def f1max_exact(pos: np.ndarray, neg: np.ndarray, neg_sorted: bool = False
+                ) -> tuple[float | None, float | None]:
+    """(F1-max, its threshold) over all thresholds ``score >= t``."""
+    P, N = int(pos.size), int(neg.size)
+    if P == 0:
+        return None, None
+    ps = np.sort(pos, kind="stable")
+    ns = neg if neg_sorted else np.sort(neg, kind="stable")
+    t = np.unique(ps)  # candidate thresholds, ascending
+    tp = P - np.searchsorted(ps, t, side="left")
+    fp = N - np.searchsorted(ns, t, side="left")
+    f1 = 2.0 * tp / (tp + fp + P)  # 2TP / (2TP + FP + FN), FN = P - TP
+    best = float(f1.max())
+    i = int(np.flatnonzero(f1 == best)[0])  # smallest threshold reaching the max
+    return best, float(t[i])
+
+
+def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg: np.ndarray, n_regions: int,
+                fpr_limit: float = 0.3, neg_sorted: bool = False) -> float | None:
+    """Exact normalised AUPRO.
+
+    ``pos``: scores of the ground-truth pixels, in a canonical order; ``pos_weight``: 1/|r| of the
+    region each belongs to; ``n_regions``: R. The curve (FPR, PRO) is piecewise linear between the
+    points of consecutive distinct thresholds, starting at (0, 0)."""
+    N = int(neg.size)
+    if n_regions == 0 or N == 0:
+        return None
+    if not 0 < fpr_limit <= 1:
+        raise ValueError("fpr_limit must be in (0, 1]")
+    ns = neg if neg_sorted else np.sort(neg, kind="stable")
+    order = np.argsort(-pos.astype(np.float64), kind="stable")  # descending, ties keep order
+    ps_desc = pos[order].astype(np.float64)
+    cw = np.concatenate(([0.0], np.cumsum(pos_weight[order].astype(np.float64)))) / n_regions
+    # distinct negative levels, descending; we need those with FPR <= limit plus the crossing one
+    k_max = min(N, int(np.floor(fpr_limit * N)) + 1)  # the first level reaching > limit is enough
+    top = ns[N - k_max:][::-1].astype(np.float64)     # the k_max largest negatives, descending
+    levels, first = np.unique(-top, return_index=True)
+    levels = -levels  # descending distinct values
+    # number of negatives >= level: index of first occurrence of the next level in `top`
+    cnt_ge = np.append(first[1:], k_max)
+    # for the last level, negatives equal to it may continue below the top-k window
+    last = levels[-1]
+    cnt_ge[-1] = N - int(np.searchsorted(ns, last, side="left"))
+    fpr_after = cnt_ge / N
+    fpr_before = np.concatenate(([0.0], fpr_after[:-1]))
+    minus_pos = -ps_desc  # ascending
+    n_gt = np.searchsorted(minus_pos, -levels, side="left")   # positives with score > level
+    n_ge = np.searchsorted(minus_pos, -levels, side="right")  # positives with score >= level
+    pro_before, pro_after = cw[n_gt], cw[n_ge]
+    area = 0.0
+    for fb, fa, pb, pa in zip(fpr_before.tolist(), fpr_after.tolist(),
+                              pro_before.tolist(), pro_after.tolist()):
+        if fa <= fpr_limit:
+            area += (fa - fb) * (pb + pa) / 2.0
+            if fa == fpr_limit:
+                break
+        else:
+            p_lim = pb + (fpr_limit - fb) / (fa - fb) * (pa - pb)
+            area += (fpr_limit - fb) * (pb + p_lim) / 2.0
+            break
+    return area / fpr_limit
+
+
+# ---------------------------------------------------------------------------------------------
+# binned
+# ---------------------------------------------------------------------------------------------
+
+def bin_index(scores: np.ndarray, bins: int) -> np.ndarray:
+    """Bin of each score in [0, 1]: floor(s * bins), 1.0 in the last bin. Monotone in ``s``."""
+    b = np.floor(scores.astype(np.float64) * bins).astype(np.int64)
+    np.minimum(b, bins - 1, out=b)
+    return b
+
+
+class BinnedScores:
+    """Constant-memory pixel-score histograms: positives, negatives and fixed-point PRO weights."""
+
+    def __init__(self, bins: int = 10000):
+        if int(bins) < 2:
+            raise ValueError("bins must be >= 2")
+        self.bins = int(bins)
+        self.pos = np.zeros(self.bins, np.int64)
+        self.neg = np.zeros(self.bins, np.int64)
+        self.pro = np.zeros(self.bins, np.int64)  # sum over regions of round(2**40 * c_rb / |r|)
+        self.n_regions = 0
+
+    def update(self, scores: np.ndarray, labels: np.ndarray, region_of_pos: np.ndarray,
+               region_sizes: np.ndarray) -> None:
+        """``scores`` float [n]; ``labels`` bool [n]; ``region_of_pos`` the region index (0..R_i-1)
+        of each positive pixel in order; ``region_sizes`` [R_i] pixel counts."""
+        B = self.bins
+        b = bin_index(scores, B)
+        pb = b[labels]
+        self.pos += np.bincount(pb, minlength=B)
+        self.neg += np.bincount(b[~labels], minlength=B)
+        R = int(region_sizes.size)
+        if R:
+            key = region_of_pos.astype(np.int64) * B + pb
+            uk, cnt = np.unique(key, return_counts=True)
+            reg, bb = np.divmod(uk, B)
+            # per (region, bin): round(2**40 * count / |r|), exact integer arithmetic
+            size = region_sizes.astype(np.int64)[reg]
+            w = ((cnt.astype(np.int64) << PRO_FIXED_BITS) + size // 2) // size
+            np.add.at(self.pro, bb, w)
+            self.n_regions += R
+
+    def state_dict(self) -> dict:
+        return {"bins": self.bins, "pos": self.pos.copy(), "neg": self.neg.copy(),
+                "pro": self.pro.copy(), "n_regions": int(self.n_regions)}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.bins = int(s["bins"])
+        self.pos = np.asarray(s["pos"], np.int64).copy()
+        self.neg = np.asarray(s["neg"], np.int64).copy()
+        self.pro = np.asarray(s["pro"], np.int64).copy()
+        self.n_regions = int(s["n_regions"])
+
+    def merge(self, other: "BinnedScores") -> None:
+        if other.bins != self.bins:
+            raise ValueError(f"cannot merge binned scores with {other.bins} and {self.bins} bins")
+        self.pos += other.pos
+        self.neg += other.neg
+        self.pro += other.pro
+        self.n_regions += other.n_regions
+
+    def compute(self, fpr_limit: float = 0.3) -> dict:
+        B = self.bins
+        pos = [int(v) for v in self.pos]
+        neg = [int(v) for v in self.neg]
+        P, N = sum(pos), sum(neg)
+        out = {"pixel_auroc": None, "pixel_auroc_error_bound": None,
+               "pixel_f1_max": None, "pixel_f1_threshold": None, "pixel_f1_max_error_bound": None,
+               "aupro": None, "aupro_error_bound": None}
+        # ---- AUROC (integers, exact given the bins)
+        if P and N:
+            below, num, same = 0, 0, 0
+            for b in range(B):
+                num += pos[b] * (2 * below + neg[b])
+                same += pos[b] * neg[b]
+                below += neg[b]
+            out["pixel_auroc"] = _exact_div(num, 2 * P * N)
+            out["pixel_auroc_error_bound"] = _exact_div(same, 2 * P * N)
+        # ---- F1-max at the bin edges ("score >= b/B")
+        if P:
+            tp_ge = np.cumsum(self.pos[::-1])[::-1]  # positives in bins >= b
+            fp_ge = np.cumsum(self.neg[::-1])[::-1]
+            f1 = 2.0 * tp_ge / (tp_ge + fp_ge + P)
+            best = float(f1.max())
+            i = int(np.flatnonzero(f1 == best)[0])
+            tp_gt = np.append(tp_ge[1:], 0)
+            fp_gt = np.append(fp_ge[1:], 0)
+            ub = 2.0 * (tp_gt + self.pos) / (tp_gt + self.pos + fp_gt + P)
+            out["pixel_f1_max"] = best
+            out["pixel_f1_threshold"] = i / B
+            out["pixel_f1_max_error_bound"] = max(0.0, float(ub.max()) - best)
+        # ---- AUPRO on the bin-edge curve
+        if self.n_regions and N:
+            fpr = np.concatenate(([0.0], np.cumsum(self.neg[::-1]) / N))  # thresholds high -> low
+            pro = np.concatenate(([0], np.cumsum(self.pro[::-1]))).astype(np.float64)
+            pro = pro / (float(self.n_regions) * 2.0 ** PRO_FIXED_BITS)
+            area, bound = 0.0, 0.0
+            for j in range(B):
+                fb, fa, pb, pa = fpr[j], fpr[j + 1], pro[j], pro[j + 1]
+                if fa <= fpr_limit:
+                    area += (fa - fb) * (pb + pa) / 2.0
+                    bound += 0.5 * (fa - fb) * (pa - pb)
+                    if fa == fpr_limit:
+                        break
+                else:
+                    p_lim = pb + (fpr_limit - fb) / (fa - fb) * (pa - pb)
+                    area += (fpr_limit - fb) * (pb + p_lim) / 2.0
+                    bound += (fpr_limit - fb) * (pa - pb)
+                    break
+            out["aupro"] = float(area / fpr_limit)
+            out["aupro_error_bound"] = float(bound / fpr_limit) + B * 2.0 ** -(PRO_FIXED_BITS + 1)
+        return out
