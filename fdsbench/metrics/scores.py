@@ -98,6 +98,7 @@ def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg: np.ndarray, n_regi
     order = np.argsort(-pos.astype(np.float64), kind="stable")  # descending, ties keep order
     ps_desc = pos[order].astype(np.float64)
     cw = np.concatenate(([0.0], np.cumsum(pos_weight[order].astype(np.float64)))) / n_regions
+    np.minimum(cw, 1.0, out=cw)  # sum of 1/|r| over a region may round to 1 + 1 ulp
     # distinct negative levels, descending; we need those with FPR <= limit plus the crossing one
     k_max = min(N, int(np.floor(fpr_limit * N)) + 1)  # the first level reaching > limit is enough
     top = ns[N - k_max:][::-1].astype(np.float64)     # the k_max largest negatives, descending
@@ -125,7 +126,7 @@ def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg: np.ndarray, n_regi
             p_lim = pb + (fpr_limit - fb) / (fa - fb) * (pa - pb)
             area += (fpr_limit - fb) * (pb + p_lim) / 2.0
             break
-    return area / fpr_limit
+    return min(1.0, area / fpr_limit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ class BinnedScores:
         if self.n_regions and N:
             fpr = np.concatenate(([0.0], np.cumsum(self.neg[::-1]) / N))  # thresholds high -> low
             pro = np.concatenate(([0], np.cumsum(self.pro[::-1]))).astype(np.float64)
-            pro = pro / (float(self.n_regions) * 2.0 ** PRO_FIXED_BITS)
+            pro = np.minimum(pro / (float(self.n_regions) * 2.0 ** PRO_FIXED_BITS), 1.0)
             area, bound = 0.0, 0.0
             for j in range(B):
                 fb, fa, pb, pa = fpr[j], fpr[j + 1], pro[j], pro[j + 1]
@@ -238,6 +239,6 @@ class BinnedScores:
                     area += (fpr_limit - fb) * (pb + p_lim) / 2.0
                     bound += (fpr_limit - fb) * (pa - pb)
                     break
-            out["aupro"] = float(area / fpr_limit)
+            out["aupro"] = min(1.0, float(area / fpr_limit))
             out["aupro_error_bound"] = float(bound / fpr_limit) + B * 2.0 ** -(PRO_FIXED_BITS + 1)
         return out
