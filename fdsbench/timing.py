@@ -1,0 +1,240 @@
+"""fdsbench's timing protocol (issue 3 item 4; DESIGN "Traps": FPS).
+
+* batch size 1 (the runner calls ``predict`` once per query);
+* ``prepare`` (support processing) and ``predict`` (one query) are timed separately;
+  **FPS = queries per second of predict** = n_predict / (sum of predict latencies) — support
+  processing is excluded from FPS, as in FM-FastSAM §6.3, but reported;
+* the first ``warmup`` calls of each kind are run but not counted (CUDA context, cuDNN autotune,
+  allocator growth, lazy initialisation);
+* the device is synchronised before the clock starts and before it stops
+  (``torch.cuda.synchronize`` on CUDA, ``torch.mps.synchronize`` on MPS) — the official FSS
+  repositories time asynchronous kernel launches and overstate speed;
+* latencies: mean, std, p50, p95 (linear interpolation), min, max; ``time.perf_counter``;
+* peak memory: CUDA ``torch.cuda.max_memory_allocated`` (peak statistics reset when the meter is
+  built, so it covers everything after that); CPU: the process's peak resident set size
+  (``resource.getrusage``; it includes everything the process ever held, a coarse upper bound);
+* precision (fp32 / bf16 / fp16) and the environment (:func:`environment_info`) are recorded.
+
+State is mergeable: latencies concatenate, totals use ``math.fsum`` over sorted values and
+percentiles are computed on sorted values, so merged shards give the same numbers whatever the
+order. Peak memory merges by max. Each shard discards its own warm-up calls.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from .errors import FdsError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+STATE_VERSION = 1
+
+
+def _device_type(device) -> str:
+    s = str(device)
+    return s.split(":", 1)[0]
+
+
+def _torch():
+    try:
+        import torch
+        return torch
+    except ImportError:  # pragma: no cover - torch is a dependency of every method
+        return None
+
+
+def synchronize(device) -> None:
+    """Wait for all queued work on ``device`` (no-op on CPU)."""
+    kind = _device_type(device)
+    if kind == "cuda":
+        _torch().cuda.synchronize(device)
+    elif kind == "mps":
+        _torch().mps.synchronize()
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_info(device="cpu") -> dict:
+    """Versions and hardware a timing (or any run record) depends on."""
+    torch = _torch()
+    kind = _device_type(device)
+    try:
+        cpus_usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus_usable = os.cpu_count()
+    info = {
+        "device": str(device), "device_type": kind,
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "numpy": np.__version__,
+        "torch": getattr(torch, "__version__", None),
+        "cuda": getattr(getattr(torch, "version", None), "cuda", None),
+        "cudnn": None,
+        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "cpu_count_usable": cpus_usable,
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "device_name": None, "device_memory_bytes": None,
+    }
+    if torch is not None and kind == "cuda":
+        if not torch.cuda.is_available():
+            raise FdsError(f"device '{device}' requested but CUDA is not available; use --device cpu")
+        idx = torch.device(device).index
+        idx = torch.cuda.current_device() if idx is None else idx
+        props = torch.cuda.get_device_properties(idx)
+        info["device_name"] = props.name
+        info["device_memory_bytes"] = int(props.total_memory)
+        info["cudnn"] = torch.backends.cudnn.version()
+    elif kind == "mps":
+        info["device_name"] = "Apple MPS"
+    else:
+        info["device_name"] = info["cpu"]
+    return info
+
+
+def _cpu_peak_rss_bytes() -> int:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) * (1 if sys.platform == "darwin" else 1024)  # Linux reports KiB
+
+
+def latency_stats(values) -> dict:
+    """mean/std/p50/p95/min/max/total (seconds) of a list of latencies; order-independent."""
+    v = np.sort(np.asarray(values, np.float64))
+    if v.size == 0:
+        return {"n": 0, "total_s": 0.0, "mean_s": None, "std_s": None, "p50_s": None,
+                "p95_s": None, "min_s": None, "max_s": None}
+    total = math.fsum(v.tolist())
+    mean = total / v.size
+    return {"n": int(v.size), "total_s": total, "mean_s": mean,
+            "std_s": math.sqrt(math.fsum(((v - mean) ** 2).tolist()) / v.size),
+            "p50_s": float(np.percentile(v, 50)), "p95_s": float(np.percentile(v, 95)),
+            "min_s": float(v[0]), "max_s": float(v[-1])}
+
+
+class TimingMeter:
+    """Times ``prepare`` and ``predict`` blocks on one device. See the module docstring.
+
+    >>> tm = TimingMeter(device="cpu", warmup=1)
+    >>> with tm.prepare(): state = method.prepare(support)          # doctest: +SKIP
+    >>> with tm.predict(): prob = method.predict(state, query)     # doctest: +SKIP
+    >>> tm.compute()["fps"]                                          # doctest: +SKIP
+    """
+
+    def __init__(self, device="cpu", warmup: int = 1, precision: str = "fp32",
+                 clock=time.perf_counter):
+        if precision not in PRECISIONS:
+            raise FdsError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
+        if int(warmup) < 0:
+            raise FdsError(f"warmup must be >= 0, not {warmup}")
+        self.device = str(device)
+        self.kind = _device_type(device)
+        if self.kind == "cuda":
+            torch = _torch()
+            if torch is None or not torch.cuda.is_available():
+                raise FdsError(f"device '{device}' requested but CUDA is not available; use --device cpu")
+            torch.cuda.reset_peak_memory_stats(device)
+        self.warmup = int(warmup)
+        self.precision = precision
+        self._clock = clock
+        self._times: dict[str, list[float]] = {"prepare": [], "predict": []}
+        self._seen = {"prepare": 0, "predict": 0}
+        self._warm = {"prepare": 0, "predict": 0}
+        self._peak = 0
+
+    def _peak_now(self) -> int:
+        if self.kind == "cuda":
+            return int(_torch().cuda.max_memory_allocated(self.device))
+        if self.kind == "mps":
+            return int(_torch().mps.driver_allocated_memory())
+        return _cpu_peak_rss_bytes()
+
+    @contextmanager
+    def _timed(self, what: str):
+        synchronize(self.device)
+        t0 = self._clock()
+        yield
+        synchronize(self.device)
+        dt = self._clock() - t0
+        self._seen[what] += 1
+        if self._seen[what] <= self.warmup:
+            self._warm[what] += 1
+        else:
+            self._times[what].append(float(dt))
+        self._peak = max(self._peak, self._peak_now())
+
+    def prepare(self):
+        """Context manager timing one support preparation (``Method.prepare``)."""
+        return self._timed("prepare")
+
+    def predict(self):
+        """Context manager timing one query (``Method.predict``, batch 1)."""
+        return self._timed("predict")
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "device": self.device, "device_type": self.kind,
+                "precision": self.precision, "warmup": self.warmup,
+                "prepare": sorted(self._times["prepare"]), "predict": sorted(self._times["predict"]),
+                "warmup_prepare": self._warm["prepare"], "warmup_predict": self._warm["predict"],
+                "seen_prepare": self._seen["prepare"], "seen_predict": self._seen["predict"],
+                "peak_memory_bytes": max(self._peak, self._peak_now() if self._seen["predict"] else 0)}
+
+    def load_state_dict(self, s: dict) -> None:
+        if s.get("version") != STATE_VERSION:
+            raise FdsError(f"timing state version {s.get('version')} is not {STATE_VERSION}")
+        self._check(s, "load timing state")
+        self._times = {"prepare": list(map(float, s["prepare"])), "predict": list(map(float, s["predict"]))}
+        self._warm = {"prepare": int(s["warmup_prepare"]), "predict": int(s["warmup_predict"])}
+        self._seen = {"prepare": int(s["seen_prepare"]), "predict": int(s["seen_predict"])}
+        self._peak = int(s["peak_memory_bytes"])
+
+    def _check(self, s: dict, what: str) -> None:
+        for k, mine in (("device_type", self.kind), ("precision", self.precision)):
+            if s[k] != mine:
+                raise FdsError(f"cannot {what}: {k} '{s[k]}' != '{mine}'; timings from different "
+                               f"devices or precisions are not comparable")
+
+    def merge(self, other: "TimingMeter") -> "TimingMeter":
+        s = other.state_dict()
+        self._check(s, "merge timings")
+        for k in ("prepare", "predict"):
+            self._times[k] += s[k]
+            self._warm[k] += s["warmup_" + k]
+            self._seen[k] += s["seen_" + k]
+        self._peak = max(self._peak, s["peak_memory_bytes"])
+        return self
+
+    def compute(self, environment: bool = True) -> dict:
+        """FPS, latency statistics of prepare and predict, peak memory, precision, environment."""
+        pred = latency_stats(self._times["predict"])
+        prep = latency_stats(self._times["prepare"])
+        out = {
+            "fps": (pred["n"] / pred["total_s"]) if pred["n"] and pred["total_s"] > 0 else None,
+            "fps_p50": (1.0 / pred["p50_s"]) if pred["n"] and pred["p50_s"] > 0 else None,
+            "predict": pred, "prepare": prep,
+            "warmup": self.warmup, "warmup_discarded": dict(self._warm),
+            "batch_size": 1, "precision": self.precision, "device": self.device,
+            "device_sync": {"cuda": "torch.cuda.synchronize", "mps": "torch.mps.synchronize"}.get(
+                self.kind, "none needed (CPU ops are synchronous)"),
+            "peak_memory_bytes": max(self._peak, self._peak_now() if self._seen["predict"] else 0),
+            "peak_memory_kind": {"cuda": "torch.cuda.max_memory_allocated",
+                                 "mps": "torch.mps.driver_allocated_memory"}.get(
+                                     self.kind, "process peak RSS (getrusage)"),
+            "clock": "time.perf_counter",
+        }
+        if environment:
+            out["environment"] = environment_info(self.device)
+        return out
