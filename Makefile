@@ -1,0 +1,65 @@
+# fdsbench — the two commands of the README are `make bench` and `make test`; both set up .venv
+# themselves (idempotent: a stamp file skips the install when requirements did not change).
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.fdsbench-installed
+
+METHOD   ?= proto
+DATASET  ?= synthetic
+DATA_ROOT ?=
+FOLD     ?= 0
+SHOT     ?= 1
+RUNS     ?= 1
+SEED     ?= 0
+DEVICE   ?= cpu
+PRESET   ?=
+PROTOCOL ?=
+WORKDIR  ?= runs
+EPISODES ?= 20
+PLUGIN   ?=
+FORCE    ?=
+ARGS     ?=
+
+# Nothing in our paths may reach the network (hub checks, font downloads, telemetry).
+export FDSBENCH_OFFLINE := 1
+export HF_HUB_OFFLINE := 1
+export YOLO_OFFLINE := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --fold $(FOLD) --shot $(SHOT) --runs $(RUNS) --seed $(SEED) \
+           --device $(DEVICE) --workdir $(WORKDIR) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
+           $(if $(PRESET),--preset $(PRESET)) $(if $(PROTOCOL),--protocol $(PROTOCOL)) \
+           $(if $(PLUGIN),--plugin $(PLUGIN)) $(if $(FORCE),--force) $(ARGS)
+
+.PHONY: setup bench fps test leaderboard episodes bench-metrics clean-runs
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt setup.cfg setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+bench: setup
+	$(VENV)/bin/fdsbench bench $(RUN_ARGS)
+
+fps: setup
+	$(VENV)/bin/fdsbench fps $(RUN_ARGS) --episodes $(EPISODES)
+
+leaderboard: setup
+	$(VENV)/bin/fdsbench leaderboard --workdir $(WORKDIR) --out leaderboards
+
+episodes: setup
+	$(VENV)/bin/fdsbench episodes make --dataset $(DATASET) --fold $(FOLD) --shot $(SHOT) --runs $(RUNS) \
+	    --seed $(SEED) --workdir $(WORKDIR) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(PROTOCOL),--protocol $(PROTOCOL))
+
+bench-metrics: setup
+	$(PY) benchmarks/bench_metrics.py $(ARGS)
+
+test: setup
+	$(VENV)/bin/pytest -q $(ARGS)
+
+clean-runs:
+	rm -rf $(WORKDIR)

@@ -1,0 +1,209 @@
+"""``fdsbench`` command line: bench, fps, episodes, leaderboard, methods, datasets, weights.
+
+Every user error is one line on stderr (``error: ...`` with the fix) and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import parse_overrides
+from .errors import FdsError
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", "-m", default="proto", help="registered method name (fdsbench methods)")
+    p.add_argument("--dataset", "-d", default="synthetic", help="dataset adapter name (fdsbench datasets list)")
+    p.add_argument("--data-root", default=None, help="dataset root folder (optional for synthetic)")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="first test seed; run i uses seed+i")
+    p.add_argument("--runs", type=int, default=1, help="number of test seeds (the papers use 5 to 15)")
+    p.add_argument("--train-seed", type=int, default=54, help="seed of meta-training (SOFS scripts: 54)")
+    p.add_argument("--protocol", default=None, help="fss | fad | per_support (default: the method's own)")
+    p.add_argument("--protocol-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="protocol option, e.g. crop_size=518 (repeatable)")
+    p.add_argument("--preset", default=None, help="method config preset (paper, cpu, test, ...)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one method config value (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threshold", type=float, default=0.5, help="binarisation threshold of the meters")
+    p.add_argument("--workdir", default="runs", help="where manifests, checkpoints and run records go")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                   help="import a plugin file that registers methods (repeatable)")
+    p.add_argument("--force", action="store_true", help="recompute finished runs")
+    p.add_argument("--max-episodes", type=int, default=None, help="evaluate only the first N episodes")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _spec(args):
+    from .runner import BenchSpec
+
+    def blank(v):
+        return v if v not in ("", None) else None
+
+    return BenchSpec(method=args.method, dataset=args.dataset, data_root=blank(args.data_root), fold=args.fold,
+                     shot=args.shot, seed=args.seed, runs=args.runs, train_seed=args.train_seed,
+                     protocol=blank(args.protocol), protocol_options=parse_overrides(args.protocol_opt),
+                     preset=blank(args.preset), overrides=parse_overrides(args.overrides), device=args.device,
+                     threshold=args.threshold, workdir=args.workdir, plugins=args.plugin, force=args.force,
+                     max_episodes=args.max_episodes, progress=not args.no_progress)
+
+
+def cmd_bench(args) -> int:
+    from .leaderboard import format_run_table
+    from .runner import run
+
+    records = run(_spec(args))
+    print(format_run_table(records))
+    for r in records:
+        print(f"run record: {Path(args.workdir) / 'runs' / (r['run_id'] + '.json')}")
+    return 0
+
+
+def cmd_fps(args) -> int:
+    from .leaderboard import format_timing_table
+    from .runner import run
+
+    spec = _spec(args)
+    spec.max_episodes = args.episodes
+    spec.warmup = args.warmup
+    spec.force = True
+    records = run(spec)
+    out = Path(args.workdir) / "fps"
+    from .io import atomic_write_json
+
+    for r in records:
+        env = r["environment"]
+        name = (f"{r['method']}_{r['config_hash'][:8]}_{env.get('device_name', 'cpu')}_{r['precision']}_"
+                f"torch{env.get('torch', 'na')}.json").replace(" ", "-").replace("/", "-")
+        atomic_write_json(out / name, {k: r[k] for k in ("run_id", "method", "config", "config_hash", "weights",
+                                                         "device", "precision", "environment", "timing",
+                                                         "episodes", "dataset", "fold", "shot")})
+        print(f"fps record: {out / name}")
+    print(format_timing_table(records))
+    return 0
+
+
+def cmd_episodes(args) -> int:
+    from .episodes import Manifest, get_manifest, resolve_protocol
+    from .registry import get_dataset
+
+    if args.action == "show":
+        m = Manifest.load(args.path)
+        print(f"{m.path}: dataset {m.dataset} fold {m.fold} {m.shot}-shot seed {m.seed} "
+              f"protocol {m.protocol['name']} hash {m.hash}")
+        print(f"{len(m.episodes)} episodes, {m.n_queries} queries; skipped: {len(m.skipped)}")
+        for s in m.skipped:
+            print(f"  skipped {s}")
+        for e in m.episodes[: args.limit]:
+            sup = ", ".join(f"{s.id}" + (f"[{len(s.crops)} crops]" if s.crops else "[whole]") for s in e.supports)
+            print(f"  #{e.index} {e.class_key}: supports {sup}; queries {', '.join(e.queries[:3])}"
+                  + (" ..." if len(e.queries) > 3 else ""))
+        return 0
+    ds = get_dataset(args.dataset)(args.data_root or None)
+    proto = resolve_protocol(args.protocol, args.shot, parse_overrides(args.protocol_opt), ds.protocol_defaults)
+    for seed in range(args.seed, args.seed + args.runs):
+        m = get_manifest(Path(args.workdir), ds, args.fold, args.shot, seed, proto)
+        print(f"{m.path}  ({len(m.episodes)} episodes, {m.n_queries} queries, hash {m.hash})")
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from .leaderboard import write_leaderboards
+
+    for path in write_leaderboards(Path(args.workdir) / "runs", Path(args.out), metric=args.metric):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    import dataclasses
+
+    from .registry import get_method, list_methods, load_plugin, unavailable
+
+    for p in args.plugin:
+        load_plugin(p)
+    if args.name:
+        cls = get_method(args.name)
+        print(f"{cls.name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+        print(f"  requires: {dataclasses.asdict(cls.requires)}")
+        print(f"  protocol: {getattr(cls, 'default_protocol', 'fss')}; presets: {', '.join(cls.presets) or '-'}"
+              f" (default {cls.default_preset})")
+        if dataclasses.is_dataclass(cls.Config):
+            for f in dataclasses.fields(cls.Config):
+                print(f"  {f.name} = {f.default!r}")
+        return 0
+    for name, cls in list_methods().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:16s} {doc}")
+    for name, why in unavailable().items():
+        print(f"{name:16s} (unavailable: {why})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fdsbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("bench", help="run a method on a dataset fold and print the results table")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("fps", help="timing protocol: warm-up, synchronised, batch 1, prepare/predict apart")
+    _add_run_args(p)
+    p.add_argument("--episodes", type=int, default=20, help="episodes to time")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls of prepare and predict")
+    p.set_defaults(func=cmd_fps)
+
+    p = sub.add_parser("episodes", help="make or show frozen episode manifests")
+    p.add_argument("action", choices=["make", "show"])
+    p.add_argument("path", nargs="?", help="manifest file (show)")
+    p.add_argument("--dataset", "-d", default="synthetic")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--protocol", default="fss")
+    p.add_argument("--protocol-opt", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--workdir", default="runs")
+    p.add_argument("--limit", type=int, default=10, help="episodes to list (show)")
+    p.set_defaults(func=cmd_episodes)
+
+    p = sub.add_parser("leaderboard", help="write tables and plots from run records")
+    p.add_argument("--workdir", default="runs")
+    p.add_argument("--out", default="leaderboards")
+    p.add_argument("--metric", default="miou")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("methods", help="list registered methods, or show one")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--plugin", action="append", default=[])
+    p.set_defaults(func=cmd_methods)
+
+    for module, func in (("datasets_cli", "add_datasets_cli"), ("weights", "add_weights_cli")):
+        try:
+            mod = __import__(f"fdsbench.{module}", fromlist=[func])
+        except ImportError:
+            continue
+        getattr(mod, func)(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except FdsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished episodes are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

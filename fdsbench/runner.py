@@ -1,0 +1,306 @@
+"""The benchmark runner: manifest -> method.prepare/predict -> meters -> run record.
+
+One run = one (method config, dataset, fold, shot, seed, protocol). The runner
+
+* trains meta-trained methods on the base folds once per (config, dataset, fold, train seed) and
+  keeps the checkpoint (a second run loads it);
+* seeds every episode from (manifest hash, episode index), so a result never depends on the order
+  or sharding of episodes;
+* checkpoints the meters every few episodes (atomically), so a killed run resumes where it stopped
+  and gives the same numbers as an uninterrupted one;
+* validates every prediction (shape, dtype, range, NaN) and names the method and query on failure;
+* writes one JSON run record atomically: config + hash, weights provenance, dataset + manifest hash,
+  seeds, versions, device, metrics, per-class table, timing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__
+from .config import build_config, config_dict, config_hash
+from .data import DatasetAdapter
+from .episodes import Manifest, get_manifest, resolve_protocol
+from .errors import FdsError
+from .io import atomic_write_bytes, atomic_write_json, content_hash
+from .method import Method
+from .registry import get_dataset, get_method, load_plugin
+from .seeding import derive_seed, seed_everything
+from .types import Episode, Query, Shot, SupportSet
+
+
+@dataclass
+class BenchSpec:
+    """Everything that defines a benchmark run (what the CLI and ``make bench`` pass in)."""
+
+    method: str = "proto"
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    fold: int = 0
+    shot: int = 1
+    seed: int = 0  # first test seed; run i uses seed + i
+    runs: int = 1
+    train_seed: int = 54  # the SOFS scripts' RNG_SEED
+    protocol: str | None = None  # default: the method's default_protocol
+    protocol_options: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    threshold: float = 0.5
+    workdir: str = "runs"
+    plugins: list[str] = field(default_factory=list)
+    force: bool = False
+    max_episodes: int | None = None  # evaluate only the first N episodes (smoke runs; recorded)
+    warmup: int = 1
+    precision: str = "fp32"  # set from the method (``Method.precision``) by run()
+    checkpoint_every_s: float = 20.0
+    progress: bool = True
+
+
+def _progress(iterable=None, total=None, desc="", enabled=True, initial=0):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, initial=initial, leave=False,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def environment(device: str) -> dict[str, Any]:
+    from .timing import environment_info
+
+    return {"fdsbench": __version__, **environment_info(device)}
+
+
+def check_device(device: str) -> str:
+    if device == "auto":
+        try:
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            return "cpu"
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FdsError(f"device '{device}' requested but CUDA is not available here; use DEVICE=cpu")
+    elif device != "cpu":
+        raise FdsError(f"unknown device '{device}'; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def validate_prediction(pred, query: Query, method: str) -> np.ndarray:
+    """The contract's output check: float map at the query's original size, finite, in [0, 1]."""
+    try:
+        import torch
+
+        if isinstance(pred, torch.Tensor):
+            pred = pred.detach().float().cpu().numpy()
+    except ImportError:
+        pass
+    pred = np.asarray(pred)
+    if pred.ndim == 3 and pred.shape[0] == 1:
+        pred = pred[0]
+    if pred.shape != query.size:
+        raise FdsError(f"method '{method}' returned a {pred.shape} map for query {query.id} of size {query.size}; "
+                       f"predict() must return [H, W] at the query's original size")
+    if not np.issubdtype(pred.dtype, np.floating):
+        raise FdsError(f"method '{method}' returned dtype {pred.dtype} for query {query.id}; "
+                       f"predict() must return float probabilities")
+    if not np.isfinite(pred).all():
+        raise FdsError(f"method '{method}' returned NaN/inf for query {query.id}")
+    if pred.min() < 0 or pred.max() > 1:
+        raise FdsError(f"method '{method}' returned values in [{pred.min():.3g}, {pred.max():.3g}] for query "
+                       f"{query.id}; predict() must return probabilities in [0, 1] (apply the sigmoid/softmax "
+                       f"the paper uses inside the method)")
+    return pred.astype(np.float32, copy=False)
+
+
+class EpisodeLoader:
+    """Decodes an episode's support set and queries from the dataset (ground truth = the episode's
+    class only; the union of all defects for FAD episodes)."""
+
+    def __init__(self, ds: DatasetAdapter, method_cls: type, manifest: Manifest):
+        self.ds, self.method_cls, self.manifest = ds, method_cls, manifest
+
+    def gt(self, image_id: str, ep: Episode) -> np.ndarray:
+        rec = self.ds.record(image_id)
+        cls = ep.defect_class
+        if cls == "*" or cls not in rec.masks:
+            if cls != "*":
+                raise FdsError(f"query {image_id} has no mask of class {cls}")
+            if not rec.masks:
+                return np.zeros(self.ds.image_size(image_id), bool)
+        return self.ds.load_mask(image_id, cls)
+
+    def support(self, ep: Episode) -> SupportSet:
+        shots = []
+        for ref in ep.supports:
+            image = self.ds.load_image(ref.id)
+            mask = self.gt(ref.id, ep) if ep.defect_class != "*" else np.zeros(image.shape[:2], bool)
+            if mask.shape != image.shape[:2]:
+                raise FdsError(f"mask of {ref.id} is {mask.shape}, image is {image.shape[:2]}")
+            shots.append(Shot(ref.id, image, mask, ref.crops))
+        pool = None
+        if self.method_cls.requires.normal_pool:
+            pool = self.ds.normal_pool(ep.object)
+            if len(pool) == 0:
+                raise FdsError(f"method '{self.method_cls.name}' needs defect-free images of product "
+                               f"'{ep.object}', and dataset '{self.ds.name}' has none: not applicable (N/A)")
+        return SupportSet(ep.class_key, shots, derive_seed(self.manifest.hash, ep.index), pool, ep.index)
+
+    def query(self, image_id: str) -> Query:
+        return Query(image_id, self.ds.load_image(image_id))
+
+
+def _make_meters(spec: BenchSpec):
+    from .metrics import MeterSet
+
+    return MeterSet(threshold=spec.threshold)
+
+
+def _make_timer(spec: BenchSpec):
+    from .timing import TimingMeter
+
+    return TimingMeter(device=spec.device, warmup=spec.warmup, precision=spec.precision)
+
+
+def run_id(spec: BenchSpec, method: Method, manifest: Manifest) -> str:
+    return (f"{method.name}_{spec.dataset}_fold{spec.fold}_{spec.shot}shot_seed{manifest.seed}_"
+            f"{config_hash(method.config)[:8]}_{manifest.hash[:8]}"
+            + (f"_first{spec.max_episodes}" if spec.max_episodes else ""))
+
+
+def fit_or_load(spec: BenchSpec, method: Method, ds: DatasetAdapter, log: Callable[[str], None]) -> str | None:
+    """Meta-train ``method`` on the base folds, or load the checkpoint of an earlier identical fit."""
+    if not method.requires.training:
+        return None
+    import torch
+
+    key = content_hash([method.name, config_dict(method.config), ds.dataset_hash, spec.fold, spec.train_seed], 12)
+    ckpt = Path(spec.workdir) / "checkpoints" / f"{method.name}_{ds.name}_fold{spec.fold}_train{spec.train_seed}_{key}.pt"
+    if ckpt.is_file():
+        method.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False))
+        log(f"loaded trained weights {ckpt}")
+        return str(ckpt)
+    fit_dir = ckpt.with_suffix("")
+    fit_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(spec.train_seed)
+    log(f"training {method.name} on the base folds of {ds.name} fold {spec.fold} (checkpoints in {fit_dir})")
+    method.fit(ds.train_source(spec.fold, spec.train_seed), fit_dir)
+    import io
+
+    buf = io.BytesIO()
+    torch.save(method.state_dict(), buf)
+    atomic_write_bytes(ckpt, buf.getvalue())
+    return str(ckpt)
+
+
+def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Manifest, rid: str,
+             log: Callable[[str], None]) -> tuple[dict, dict, int]:
+    """Run every episode of the manifest; resumable through ``<rid>.partial.pkl``."""
+    runs_dir = Path(spec.workdir) / "runs"
+    partial = runs_dir / f"{rid}.partial.pkl"
+    meters, timer = _make_meters(spec), _make_timer(spec)
+    done: set[int] = set()
+    if partial.is_file() and not spec.force:
+        try:
+            state = pickle.loads(partial.read_bytes())
+            meters.load_state_dict(state["meters"])
+            timer.load_state_dict(state["timing"])
+            done = set(state["done"])
+            log(f"resuming {rid}: {len(done)} episodes already done")
+        except Exception as e:  # a damaged partial file: start over rather than trust it
+            log(f"ignoring unreadable partial state {partial} ({e})")
+            meters, timer, done = _make_meters(spec), _make_timer(spec), set()
+    episodes = manifest.episodes[: spec.max_episodes] if spec.max_episodes else manifest.episodes
+    loader = EpisodeLoader(ds, type(method), manifest)
+    last_save = time.monotonic()
+
+    def save():
+        atomic_write_bytes(partial, pickle.dumps({"done": sorted(done), "meters": meters.state_dict(),
+                                                  "timing": timer.state_dict()}))
+
+    todo = [e for e in episodes if e.index not in done]
+    bar = _progress(total=sum(len(e.queries) for e in episodes), desc=f"{method.name} {ds.name} f{spec.fold}",
+                    enabled=spec.progress, initial=sum(len(e.queries) for e in episodes if e.index in done))
+    for ep in todo:
+        support = loader.support(ep)
+        seed_everything(support.seed)
+        with timer.prepare():
+            state = method.prepare(support)
+        for qid in ep.queries:
+            query = loader.query(qid)
+            with timer.predict():
+                pred = method.predict(state, query)
+            pred = validate_prediction(pred, query, method.name)
+            meters.update(pred, loader.gt(qid, ep), class_key=ep.class_key, episode=ep.index, query_id=qid)
+            bar.update(1)
+        done.add(ep.index)
+        if time.monotonic() - last_save > spec.checkpoint_every_s:
+            save()
+            last_save = time.monotonic()
+    bar.close()
+    if todo:
+        save()
+    return meters.compute(), timer.compute(), len(episodes)
+
+
+def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Run ``spec.runs`` seeds of one benchmark and return their run records."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    for plugin in spec.plugins:
+        load_plugin(plugin)
+    spec.device = check_device(spec.device)
+    method_cls = get_method(spec.method)
+    ds = get_dataset(spec.dataset)(spec.data_root)
+    ds.check_fold(spec.fold)
+    config = build_config(method_cls.Config, method_cls.presets, spec.preset or method_cls.default_preset,
+                          spec.overrides)
+    method = method_cls(config, device=spec.device)
+    method.workdir = Path(spec.workdir) / "cache" / method.name
+    spec.precision = getattr(method, "precision", "fp32")
+    proto_name = spec.protocol or getattr(method_cls, "default_protocol", "fss")
+    if proto_name == "fad" and not method_cls.requires.fad:
+        raise FdsError(f"method '{method.name}' does not support few-shot anomaly detection (protocol fad)")
+    proto = resolve_protocol(proto_name, spec.shot, spec.protocol_options, ds.protocol_defaults)
+    ckpt = fit_or_load(spec, method, ds, log)
+    records = []
+    for i in range(spec.runs):
+        seed = spec.seed + i
+        manifest = get_manifest(Path(spec.workdir), ds, spec.fold, spec.shot, seed, proto)
+        rid = run_id(spec, method, manifest)
+        path = Path(spec.workdir) / "runs" / f"{rid}.json"
+        if path.is_file() and not spec.force:
+            import json
+
+            log(f"run {rid} is complete; reusing its record (FORCE=1 recomputes)")
+            records.append(json.loads(path.read_text()))
+            continue
+        seed_everything(derive_seed(manifest.hash, "run"))
+        started = time.time()
+        metrics, timing, n_eval = evaluate(spec, method, ds, manifest, rid, log)
+        record = {
+            "run_id": rid, "created": started, "wall_s": time.time() - started,
+            **method.describe(), "preset": spec.preset or method_cls.default_preset,
+            "requires": dataclasses.asdict(method_cls.requires),
+            "dataset": ds.name, "data_root": str(ds.root), "dataset_hash": ds.dataset_hash,
+            "fold": spec.fold, "shot": spec.shot, "seed": seed, "train_seed": spec.train_seed if ckpt else None,
+            "protocol": proto, "manifest": str(manifest.path), "manifest_hash": manifest.hash,
+            "episodes": n_eval, "episodes_total": len(manifest.episodes), "checkpoint": ckpt,
+            "device": spec.device, "precision": spec.precision,
+            "environment": environment(spec.device), "metrics": metrics, "timing": {k: v for k, v in timing.items() if k != "environment"},
+        }
+        atomic_write_json(path, record)
+        partial = path.with_suffix(".partial.pkl")
+        if partial.exists():
+            partial.unlink()
+        records.append(record)
+    return records
