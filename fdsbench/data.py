@@ -13,6 +13,11 @@ Mask specs (``ImageRecord.masks[class_name]``), decoded by :func:`decode_mask`:
 * ``{"polygons": [[x1, y1, x2, y2, ...], ...]}`` — filled polygons (COCO ``segmentation``),
   coordinates truncated to int as the official loaders do;
 * several specs in a list are OR-ed (e.g. two annotations of one class).
+
+Problems found while scanning (a file listed but missing, an unknown category id, an image labelled
+defective with an empty mask...) are recorded with :meth:`DatasetAdapter.note`, cached with the
+index and reported by ``fdsbench datasets check``; the entries concerned are left out of the index,
+so a run never draws them.
 """
 from __future__ import annotations
 
@@ -26,10 +31,13 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from .errors import DataError, FdsError
-from .io import atomic_write_json, content_hash, read_gray, read_image
+from .io import atomic_write_json, canonical_json, content_hash, read_gray, read_image, sha256_file
 from .types import NormalPool, TrainSource
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+
+#: image file extensions the adapters accept (compared case-insensitively)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
@@ -148,21 +156,52 @@ class DatasetAdapter:
         self.options = options
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "index"
         self._index: DatasetIndex | None = None
+        self._problems: list[Problem] = []
 
     # ---- to implement ------------------------------------------------------------------------
     def scan(self) -> list[ImageRecord]:
         raise NotImplementedError
 
+    def note(self, severity: str, path: str | os.PathLike, message: str) -> None:
+        """Record a problem found while scanning (``severity`` "error" or "warning"); ``path`` is
+        made relative to the root when it lies under it."""
+        try:
+            path = os.path.relpath(path, self.root) if Path(path).is_absolute() else str(path)
+        except ValueError:
+            path = str(path)
+        self._problems.append(Problem(severity, str(path), message))
+
+    @property
+    def scan_problems(self) -> list[Problem]:
+        """Problems recorded by the (possibly cached) scan of this root."""
+        self.index
+        return list(self._problems)
+
     # ---- index -------------------------------------------------------------------------------
     def tree_signature(self) -> str:
         """Hash of (path, size, mtime) of every file under the root: changes when the tree does."""
-        entries = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames.sort()
-            for f in sorted(filenames):
-                st = os.stat(os.path.join(dirpath, f))
-                entries.append((os.path.relpath(os.path.join(dirpath, f), self.root), st.st_size, st.st_mtime_ns))
-        return content_hash([INDEX_VERSION, self.name, sorted(self.options.items()), entries], 32)
+        import hashlib
+
+        h = hashlib.sha256(canonical_json([INDEX_VERSION, self.name, sorted(self.options.items(), key=str)]).encode())
+        stack = [""]
+        while stack:  # iterative walk with scandir: one stat per file, no path joins on the hot path
+            rel = stack.pop()
+            try:
+                with os.scandir(self.root / rel if rel else self.root) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError:
+                continue
+            for e in entries:
+                name = f"{rel}/{e.name}" if rel else e.name
+                if e.is_dir(follow_symlinks=True):
+                    stack.append(name)
+                else:
+                    try:
+                        st = e.stat()
+                    except OSError:
+                        continue
+                    h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:32]
 
     @property
     def index(self) -> DatasetIndex:
@@ -172,22 +211,28 @@ class DatasetAdapter:
 
     def _cached_scan(self) -> list[ImageRecord]:
         sig = self.tree_signature()
-        key = content_hash([str(self.root.resolve()), self.name], 16)
+        key = content_hash([str(self.root.resolve()), self.name, sorted(self.options.items(), key=str)], 16)
         path = self.cache_dir / f"{self.name}-{key}.json"
         if path.is_file():
             try:
                 cached = json.loads(path.read_text())
                 if cached.get("signature") == sig:
+                    self._problems = [Problem(**p) for p in cached.get("problems", [])]
                     return [ImageRecord(**{**r, "size": tuple(r["size"]) if r.get("size") else None})
                             for r in cached["records"]]
             except (OSError, ValueError, TypeError, KeyError):
                 pass  # a damaged cache is rebuilt
+        self._problems = []
         records = self.scan()
         if not records:
             raise DataError(f"no images found under {self.root}; dataset '{self.name}' expects: {self.layout}")
-        try:
-            atomic_write_json(path, {"signature": sig, "created": time.time(),
-                                     "records": [asdict(r) for r in records]})
+        try:  # compact JSON: the cache of a VISION-V1-sized tree loads in well under a second
+            from .io import atomic_write_text
+
+            atomic_write_text(path, json.dumps({"signature": sig, "created": time.time(),
+                                                "problems": [asdict(p) for p in self._problems],
+                                                "records": [asdict(r) for r in records]},
+                                               separators=(",", ":")))
         except OSError:
             pass  # read-only cache dir: the index is simply not cached
         return records
@@ -280,19 +325,47 @@ class DatasetAdapter:
                            normal_ids={o: ids for o, ids in self.index.normals.items() if o in objs})
 
     # ---- validation --------------------------------------------------------------------------
-    def check(self) -> list[Problem]:
-        """Decode every image and mask once and report problems (``fdsbench datasets check``).
-        Adapters extend this with format-specific checks (unknown category ids, fold files...)."""
+    #: severity of "object named in a fold but absent" (the paper's fold is then incomplete)
+    absent_fold_object: ClassVar[str] = "error"
+
+    def fold_problems(self) -> list[Problem]:
+        """Fold file vs tree: objects named in a fold but absent, objects in no fold."""
         problems: list[Problem] = []
-        for obj in (o for fold in self.folds for o in fold):
-            if obj not in self.index.objects:
-                problems.append(Problem("warning", str(self.root / obj), "object named in a fold but absent"))
-        for rec in self.index.records.values():
+        if not self.folds:
+            return problems
+        present = set(self.index.objects)
+        named = {o for fold in self.folds for o in fold}
+        for k, fold in enumerate(self.folds):
+            for obj in fold:
+                if obj not in present:
+                    problems.append(Problem(self.absent_fold_object, obj,
+                                            f"object named in fold {k} of '{self.name}' but absent from {self.root}"))
+        for obj in sorted(present - named):
+            problems.append(Problem("warning", obj, "object is in no fold: it is only ever a training object"))
+        return problems
+
+    def check(self, progress=None) -> list[Problem]:
+        """Decode every image and mask once and report problems (``fdsbench datasets check``):
+        scan problems, fold problems, unreadable images, mask/image size mismatches, empty masks of
+        a labelled class, and byte-identical duplicate images. ``progress`` is called per image."""
+        problems: list[Problem] = list(self.scan_problems) + self.fold_problems()
+        by_digest: dict[tuple[int, str], list[str]] = {}
+        for rec in sorted(self.index.records.values(), key=lambda r: r.id):
+            if progress:
+                progress()
+            path = self.root / rec.path
             try:
-                size = read_image(self.root / rec.path).shape[:2]
+                size = read_image(path).shape[:2]
             except DataError as e:
                 problems.append(Problem("error", rec.path, str(e)))
                 continue
+            if rec.size is not None and tuple(rec.size) != tuple(size):
+                problems.append(Problem("error", rec.path, f"annotation says {rec.size[1]}x{rec.size[0]}, "
+                                                           f"the image is {size[1]}x{size[0]}"))
+            try:
+                by_digest.setdefault((path.stat().st_size, sha256_file(path)), []).append(rec.path)
+            except OSError:
+                pass
             for cls, spec in rec.masks.items():
                 try:
                     m = decode_mask(spec, self.root, size)
@@ -300,11 +373,57 @@ class DatasetAdapter:
                     problems.append(Problem("error", rec.path, f"class {cls}: {e}"))
                     continue
                 if m.shape != tuple(size):
-                    problems.append(Problem("error", rec.path, f"mask of class {cls} is {m.shape[1]}x{m.shape[0]}"
-                                                               f", image is {size[1]}x{size[0]}"))
+                    problems.append(Problem("error", _spec_path(spec) or rec.path,
+                                            f"mask of class {cls} is {m.shape[1]}x{m.shape[0]}, image {rec.path} "
+                                            f"is {size[1]}x{size[0]}"))
                 elif not m.any():
-                    problems.append(Problem("warning", rec.path, f"mask of class {cls} is empty"))
+                    problems.append(Problem("error", _spec_path(spec) or rec.path,
+                                            f"mask of class {cls} is empty ({self.mask_rule or 'no foreground'}): "
+                                            f"the image is labelled {cls} but has no {cls} pixel"))
+        for paths in by_digest.values():
+            if len(paths) > 1:
+                for p in paths[1:]:
+                    problems.append(Problem("warning", p, f"duplicate file: same bytes as {paths[0]}"))
         return problems
+
+    # ---- summaries ---------------------------------------------------------------------------
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per object: number of images of each class, ``normal`` images and all images."""
+        out: dict[str, dict[str, int]] = {}
+        for rec in self.index.records.values():
+            d = out.setdefault(rec.object, {"images": 0, "normal": 0})
+            d["images"] += 1
+            d["normal"] += int(rec.normal)
+            for c in rec.masks:
+                d[c] = d.get(c, 0) + 1
+        return dict(sorted(out.items()))
+
+    def defect_areas(self, progress=None) -> list[tuple[str, str, int, int]]:
+        """(class key, image id, defect pixels, image pixels) for every (image, class) pair: the
+        data of the SOFS defect-size figure (paper Fig. 6/7)."""
+        rows = []
+        for cls in self.index.classes:
+            for image_id in self.index.images_of[cls]:
+                if progress:
+                    progress()
+                m = self.load_mask(image_id, cls.split("/", 1)[1])
+                rows.append((cls, image_id, int(m.sum()), int(m.size)))
+        return rows
+
+
+def _spec_path(spec) -> str | None:
+    if isinstance(spec, list):
+        return next((p for p in map(_spec_path, spec) if p), None)
+    return spec.get("png") if isinstance(spec, dict) else None
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Image files (see ``IMAGE_EXTS``) directly in ``folder``, sorted by name; [] if absent."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".") and p.is_file())
 
 
 def default_cache_dir() -> Path:
