@@ -134,48 +134,60 @@ class MeterSet:
                                f"return probabilities, or declare logits=True to apply a sigmoid")
         pred = p > self.config["threshold"]
         tp, fp, fn, tn = confusion(pred, g)
-        row = {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "image_score": self._score_fn(p, pred),
+        if self.config["image_score"] == "max" and not self.config["logits"]:
+            img_score = hi
+        else:
+            img_score = self._score_fn(p, pred)
+        row = {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "image_score": float(img_score),
                "n_regions": 0}
         mode = self.config["score_mode"]
         if mode != "off":
-            scores = p.astype(np.float32).ravel()
             lab = g.ravel()
             if tp + fn:
                 from scipy import ndimage
                 st = np.ones((3, 3), bool) if self.config["connectivity"] == 8 else None
-                regions, R = ndimage.label(g, structure=st)
-                reg = regions.ravel()[lab].astype(np.int64) - 1  # region of each positive, in order
+                rows_ = np.flatnonzero(g.any(axis=1))
+                cols_ = np.flatnonzero(g.any(axis=0))
+                # label inside the GT bounding box only: positives keep their row-major order
+                sub = g[rows_[0]:rows_[-1] + 1, cols_[0]:cols_[-1] + 1]
+                regions, R = ndimage.label(sub, structure=st)
+                reg = regions[sub].astype(np.int64) - 1  # region of each positive, in order
                 sizes = np.bincount(reg, minlength=R)
             else:
                 R, reg, sizes = 0, np.zeros(0, np.int64), np.zeros(0, np.int64)
             row["n_regions"] = int(R)
             if mode == "exact":
-                pos_idx = np.flatnonzero(lab).astype(np.int64)
-                self._chunks[key] = (scores, pos_idx, sizes[reg].astype(np.int64))
+                scores = p.astype(np.float32).ravel()  # always a copy we own
+                pos_idx = np.flatnonzero(lab).astype(np.int32)  # images < 2**31 pixels
+                self._chunks[key] = (scores, pos_idx, sizes[reg].astype(np.int32))
             else:
-                self._binned.update(scores, lab, reg, sizes)
+                self._binned.update(p.ravel(), lab, reg, sizes)
         self._rows[key] = row
 
     # ---- state ---------------------------------------------------------------------------------
     def _sorted_keys(self):
         return sorted(self._rows)
 
-    def state_dict(self) -> dict:
-        """Plain, picklable dict (numpy arrays, Python scalars, lists), rows in sorted key order."""
-        keys = self._sorted_keys()
+    def _columns(self, keys) -> dict:
         rows = {"episode": np.array([k[0] for k in keys], np.int64),
                 "query_id": [k[1] for k in keys], "class_key": [k[2] for k in keys],
                 "image_score": np.array([self._rows[k]["image_score"] for k in keys], np.float64)}
         for c in _ROW_INT:
             rows[c] = np.array([self._rows[k][c] for k in keys], np.int64)
+        return rows
+
+    def state_dict(self) -> dict:
+        """Plain, picklable dict (numpy arrays, Python scalars, lists), rows in sorted key order."""
+        keys = self._sorted_keys()
+        rows = self._columns(keys)
         state = {"version": STATE_VERSION, "config": dict(self.config), "rows": rows, "pixels": None}
         if self.config["score_mode"] == "exact":
             ch = [self._chunks[k] for k in keys]
             state["pixels"] = {
                 "scores": np.concatenate([c[0] for c in ch]) if ch else np.zeros(0, np.float32),
                 "offsets": np.cumsum([0] + [c[0].size for c in ch]).astype(np.int64),
-                "pos_idx": np.concatenate([c[1] for c in ch]) if ch else np.zeros(0, np.int64),
-                "pos_region_size": np.concatenate([c[2] for c in ch]) if ch else np.zeros(0, np.int64),
+                "pos_idx": np.concatenate([c[1] for c in ch]) if ch else np.zeros(0, np.int32),
+                "pos_region_size": np.concatenate([c[2] for c in ch]) if ch else np.zeros(0, np.int32),
                 "pos_offsets": np.cumsum([0] + [c[1].size for c in ch]).astype(np.int64),
             }
         elif self.config["score_mode"] == "binned":
@@ -237,8 +249,8 @@ class MeterSet:
     def compute(self) -> dict:
         """All metrics as a JSON-able dict (fractions in [0, 1]; ``None`` where undefined)."""
         cfg = self.config
-        st = self.state_dict()
-        r = st["rows"]
+        keys = self._sorted_keys()
+        r = self._columns(keys)
         out = segmentation_metrics(r, cfg["ratio_edges"], cfg["area_edges"])
         out["threshold"] = cfg["threshold"]
         out["score_mode"] = cfg["score_mode"]
@@ -260,33 +272,48 @@ class MeterSet:
                 cls_auroc.append(a)
         out["image_auroc_classmean"] = float(np.mean(cls_auroc)) if cls_auroc else None
         # pixel level
-        keys = ("pixel_auroc", "pixel_f1_max", "pixel_f1_threshold", "aupro")
+        names = ("pixel_auroc", "pixel_f1_max", "pixel_f1_threshold", "aupro")
         if cfg["score_mode"] == "off":
-            out.update({k: None for k in keys})
+            out.update({k: None for k in names})
         elif cfg["score_mode"] == "binned":
             out.update(self._binned.compute(cfg["fpr_limit"]))
             out["bins"] = cfg["bins"]
         else:
-            out.update(_exact_pixel_metrics(st["pixels"], int(r["n_regions"].sum()), cfg["fpr_limit"]))
+            out.update(_exact_pixel_metrics([self._chunks[k] for k in keys], int(r["n_regions"].sum()),
+                                            cfg["fpr_limit"]))
         out["n_pixels"] = int((r["tp"] + r["fp"] + r["fn"] + r["tn"]).sum())
         return out
 
 
-def _exact_pixel_metrics(px: dict, n_regions: int, fpr_limit: float) -> dict:
-    scores = px["scores"]
-    labels = np.zeros(scores.size, bool)
-    off, poff = px["offsets"], px["pos_offsets"]
-    if px["pos_idx"].size:
-        base = np.repeat(off[:-1], np.diff(poff))
-        labels[px["pos_idx"] + base] = True
-    pos = scores[labels]
-    neg = np.sort(scores[~labels])
+def _exact_pixel_metrics(chunks, n_regions: int, fpr_limit: float) -> dict:
+    """Exact pixel metrics from per-query chunks (scores, positive indices, their region sizes)
+    in canonical order. Peak memory: the stored scores plus one float32 copy of the negatives
+    (sorted in place) and the positives."""
+    n_tot = sum(c[0].size for c in chunks)
+    n_pos = sum(c[1].size for c in chunks)
+    neg = np.empty(n_tot - n_pos, np.float32)
+    pos = np.empty(n_pos, np.float32)
+    size = np.empty(n_pos, np.float64)
+    o = op = 0
+    for sc, pi, ps in chunks:
+        k = pi.size
+        if k:
+            keep = np.ones(sc.size, bool)
+            keep[pi] = False
+            neg[o:o + sc.size - k] = sc[keep]
+            pos[op:op + k] = sc[pi]
+            size[op:op + k] = ps
+        else:
+            neg[o:o + sc.size] = sc
+        o += sc.size - k
+        op += k
+    neg.sort()
     f1, t = f1max_exact(pos, neg, neg_sorted=True)
     out = {
         "pixel_auroc": auroc_exact(pos, neg, neg_sorted=True),
         "pixel_f1_max": f1, "pixel_f1_threshold": t,
-        "aupro": aupro_exact(pos, 1.0 / np.maximum(px["pos_region_size"], 1).astype(np.float64),
-                             neg, n_regions, fpr_limit, neg_sorted=True),
+        "aupro": aupro_exact(pos, 1.0 / np.maximum(size, 1.0), neg, n_regions, fpr_limit,
+                             neg_sorted=True),
     }
     for k in ("pixel_auroc", "pixel_f1_max", "aupro"):  # exact: no binning error
         out[k + "_error_bound"] = None if out[k] is None else 0.0

@@ -95,38 +95,46 @@ def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg: np.ndarray, n_regi
     if not 0 < fpr_limit <= 1:
         raise ValueError("fpr_limit must be in (0, 1]")
     ns = neg if neg_sorted else np.sort(neg, kind="stable")
-    order = np.argsort(-pos.astype(np.float64), kind="stable")  # descending, ties keep order
-    ps_desc = pos[order].astype(np.float64)
+    dt = np.result_type(ns.dtype, pos.dtype)
+    order = np.argsort(-pos.astype(dt, copy=False), kind="stable")  # descending, ties keep order
+    minus_pos = -pos[order].astype(dt, copy=False)  # ascending
     cw = np.concatenate(([0.0], np.cumsum(pos_weight[order].astype(np.float64)))) / n_regions
     np.minimum(cw, 1.0, out=cw)  # sum of 1/|r| over a region may round to 1 + 1 ulp
-    # distinct negative levels, descending; we need those with FPR <= limit plus the crossing one
-    k_max = min(N, int(np.floor(fpr_limit * N)) + 1)  # the first level reaching > limit is enough
-    top = ns[N - k_max:][::-1].astype(np.float64)     # the k_max largest negatives, descending
-    levels, first = np.unique(-top, return_index=True)
-    levels = -levels  # descending distinct values
-    # number of negatives >= level: index of first occurrence of the next level in `top`
-    cnt_ge = np.append(first[1:], k_max)
-    # for the last level, negatives equal to it may continue below the top-k window
-    last = levels[-1]
-    cnt_ge[-1] = N - int(np.searchsorted(ns, last, side="left"))
+    # Distinct negative levels, descending. Only those with FPR <= limit and the first one past
+    # it matter: they all lie among the k_max largest negatives (a window view, no copy).
+    k_max = min(N, int(np.floor(fpr_limit * N)) + 1)
+    top = ns[N - k_max:]
+    first = np.empty(k_max, bool)
+    first[0] = True
+    np.not_equal(top[1:], top[:-1], out=first[1:])
+    fidx = np.flatnonzero(first)
+    del first
+    levels = top[fidx][::-1].astype(dt, copy=False)
+    cnt_ge = (k_max - fidx)[::-1]  # negatives >= level
+    # the smallest level of the window may have equal negatives below the window
+    cnt_ge[-1] = N - int(np.searchsorted(ns, levels[-1], side="left"))
     fpr_after = cnt_ge / N
     fpr_before = np.concatenate(([0.0], fpr_after[:-1]))
-    minus_pos = -ps_desc  # ascending
-    n_gt = np.searchsorted(minus_pos, -levels, side="left")   # positives with score > level
-    n_ge = np.searchsorted(minus_pos, -levels, side="right")  # positives with score >= level
-    pro_before, pro_after = cw[n_gt], cw[n_ge]
-    area = 0.0
-    for fb, fa, pb, pa in zip(fpr_before.tolist(), fpr_after.tolist(),
-                              pro_before.tolist(), pro_after.tolist()):
-        if fa <= fpr_limit:
-            area += (fa - fb) * (pb + pa) / 2.0
-            if fa == fpr_limit:
-                break
-        else:
-            p_lim = pb + (fpr_limit - fb) / (fa - fb) * (pa - pb)
-            area += (fpr_limit - fb) * (pb + p_lim) / 2.0
-            break
+    pro_before = cw[np.searchsorted(minus_pos, -levels, side="left")]   # positives > level
+    pro_after = cw[np.searchsorted(minus_pos, -levels, side="right")]   # positives >= level
+    area, _ = _integrate(fpr_before, fpr_after, pro_before, pro_after, fpr_limit)
     return min(1.0, area / fpr_limit)
+
+
+def _integrate(fb, fa, pb, pa, limit):
+    """Area under the piecewise-linear curve with segments (fb, pb) -> (fa, pa) (FPR ascending,
+    contiguous), from FPR 0 to ``limit`` with linear interpolation at the limit; and the in-box
+    error bound sum(0.5 dF dP) (+ the partial box at the limit) used by the binned mode."""
+    j = int(np.searchsorted(fa, limit, side="right"))  # segments [0, j) end at FPR <= limit
+    df = fa[:j] - fb[:j]
+    area = float(np.sum(df * (pb[:j] + pa[:j]))) / 2.0
+    bound = float(np.sum(df * (pa[:j] - pb[:j]))) / 2.0
+    if j < fa.size and fb[j] < limit:
+        f0, f1, p0, p1 = float(fb[j]), float(fa[j]), float(pb[j]), float(pa[j])
+        p_lim = p0 + (limit - f0) / (f1 - f0) * (p1 - p0)
+        area += (limit - f0) * (p0 + p_lim) / 2.0
+        bound += (limit - f0) * (p1 - p0)
+    return area, bound
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +142,13 @@ def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg: np.ndarray, n_regi
 # ---------------------------------------------------------------------------------------------
 
 def bin_index(scores: np.ndarray, bins: int) -> np.ndarray:
-    """Bin of each score in [0, 1]: floor(s * bins), 1.0 in the last bin. Monotone in ``s``."""
-    b = np.floor(scores.astype(np.float64) * bins).astype(np.int64)
+    """Bin of each score in [0, 1]: floor(s * bins) computed in the scores' own float type
+    (float32 stays float32), 1.0 in the last bin. Monotone in ``s``, which is all the error bounds
+    need; the reported bin edges b/bins are exact up to one rounding of s * bins."""
+    s = np.asarray(scores)
+    if s.dtype not in (np.float32, np.float64):
+        s = s.astype(np.float64)
+    b = (s * s.dtype.type(bins)).astype(np.intp)
     np.minimum(b, bins - 1, out=b)
     return b
 
@@ -157,10 +170,16 @@ class BinnedScores:
         """``scores`` float [n]; ``labels`` bool [n]; ``region_of_pos`` the region index (0..R_i-1)
         of each positive pixel in order; ``region_sizes`` [R_i] pixel counts."""
         B = self.bins
-        b = bin_index(scores, B)
-        pb = b[labels]
-        self.pos += np.bincount(pb, minlength=B)
-        self.neg += np.bincount(b[~labels], minlength=B)
+        s = scores if scores.dtype in (np.float32, np.float64) else scores.astype(np.float64)
+        idx = (s * s.dtype.type(B)).astype(np.intp)  # floor for s >= 0; 1.0 -> B (folded below)
+        pb = idx[labels]
+        idx[labels] += B + 1  # one bincount for both classes: [neg 0..B | pos 0..B]
+        h = np.bincount(idx, minlength=2 * (B + 1))
+        h[B - 1] += h[B]
+        h[2 * B] += h[2 * B + 1]
+        self.neg += h[:B]
+        self.pos += h[B + 1:2 * B + 1]
+        np.minimum(pb, B - 1, out=pb)
         R = int(region_sizes.size)
         if R:
             key = region_of_pos.astype(np.int64) * B + pb
@@ -226,19 +245,7 @@ class BinnedScores:
             fpr = np.concatenate(([0.0], np.cumsum(self.neg[::-1]) / N))  # thresholds high -> low
             pro = np.concatenate(([0], np.cumsum(self.pro[::-1]))).astype(np.float64)
             pro = np.minimum(pro / (float(self.n_regions) * 2.0 ** PRO_FIXED_BITS), 1.0)
-            area, bound = 0.0, 0.0
-            for j in range(B):
-                fb, fa, pb, pa = fpr[j], fpr[j + 1], pro[j], pro[j + 1]
-                if fa <= fpr_limit:
-                    area += (fa - fb) * (pb + pa) / 2.0
-                    bound += 0.5 * (fa - fb) * (pa - pb)
-                    if fa == fpr_limit:
-                        break
-                else:
-                    p_lim = pb + (fpr_limit - fb) / (fa - fb) * (pa - pb)
-                    area += (fpr_limit - fb) * (pb + p_lim) / 2.0
-                    bound += (fpr_limit - fb) * (pa - pb)
-                    break
+            area, bound = _integrate(fpr[:-1], fpr[1:], pro[:-1], pro[1:], fpr_limit)
             out["aupro"] = min(1.0, float(area / fpr_limit))
             out["aupro_error_bound"] = float(bound / fpr_limit) + B * 2.0 ** -(PRO_FIXED_BITS + 1)
         return out
