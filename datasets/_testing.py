@@ -14,7 +14,7 @@ from PIL import Image
 def write_image(path: Path, h: int = 24, w: int = 32, seed: int = 0, mode: str = "RGB") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # distinct content per file (the last path parts), so fixtures have no duplicate files
-    rng = np.random.default_rng([zlib.crc32("/".join(path.parts[-4:]).encode()), seed])
+    rng = np.random.default_rng([zlib.crc32("/".join(path.parts[-6:]).encode()), seed])
     arr = rng.integers(0, 256, (h, w, 3) if mode == "RGB" else (h, w), dtype=np.uint8)
     Image.fromarray(arr, mode).save(path)
     return path

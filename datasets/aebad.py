@@ -32,6 +32,7 @@ class AeBAD(DatasetAdapter):
 
     folds = load_folds("aebad")
     mask_rule = "PNG mask with the image's file name, foreground = value > 127"
+    option_names = ("domain",)
     layout = "AeBAD_S/{train/good/<sub>,test/<type>/<domain>,ground_truth/<type>/<domain>}/*.png"
 
     def __init__(self, root, cache_dir=None, domain: str | None = None, **options):

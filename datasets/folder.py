@@ -30,6 +30,7 @@ class Folder(DatasetAdapter):
     """User data in the support/query folder layout (module docstring)."""
 
     folds: list = []
+    option_names = ("mask_threshold",)
     layout = ("<object>/support/{image,mask}/, <object>/query/image/ [+ query/mask/], optional "
               "<object>/normal/; masks <stem>_mask.png")
 

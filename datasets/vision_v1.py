@@ -21,6 +21,7 @@ twice (error), an RLE or malformed polygon (error).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from fdsbench.data import DatasetAdapter, ImageRecord
@@ -133,11 +134,11 @@ class VisionV1(DatasetAdapter):
             good = []
             for poly in seg or []:
                 if (not isinstance(poly, list) or len(poly) % 2 or len(poly) < 2
-                        or not all(isinstance(v, (int, float)) for v in poly)):
+                        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in poly)):
                     self.note("error", f"{obj}/{subset}/{images[iid]['file_name']}",
                               f"{where}: malformed polygon (need a flat list x1,y1,x2,y2,... of numbers)")
                     continue
-                good.append(poly)
+                good.append(" ".join(str(int(v)) for v in poly))  # truncated toward zero = int32 cast
             if not good:
                 if not seg:
                     self.note("warning", f"{obj}/{subset}/{images[iid]['file_name']}",

@@ -11,7 +11,9 @@ Mask specs (``ImageRecord.masks[class_name]``), decoded by :func:`decode_mask`:
 * ``{"png": rel_path, "threshold": t}`` — pixels with value > t (anti-aliased 0/255 masks: t=127);
 * ``{"png": rel_path, "value": v}`` — pixels equal to v (class-index masks);
 * ``{"polygons": [[x1, y1, x2, y2, ...], ...]}`` — filled polygons (COCO ``segmentation``),
-  coordinates truncated to int as the official loaders do;
+  coordinates truncated to int as the official loaders do; a polygon may also be the string
+  ``"x1 y1 x2 y2 ..."`` (the compact form adapters store in the cached index: parsing strings keeps
+  the second start of a VISION-V1-sized tree fast);
 * several specs in a list are OR-ed (e.g. two annotations of one class).
 
 Problems found while scanning (a file listed but missing, an unknown category id, an image labelled
@@ -124,7 +126,8 @@ def decode_mask(spec, root: Path, size: tuple[int, int] | None) -> np.ndarray:
         canvas = Image.new("L", (size[1], size[0]), 0)
         draw = ImageDraw.Draw(canvas)
         for poly in spec["polygons"]:
-            pts = np.asarray(poly, dtype=np.float64).astype(np.int32).reshape(-1, 2)
+            flat = poly.split() if isinstance(poly, str) else poly
+            pts = np.asarray(flat, dtype=np.float64).astype(np.int32).reshape(-1, 2)
             if len(pts) >= 3:
                 draw.polygon([tuple(map(int, p)) for p in pts], fill=1, outline=1)
             elif len(pts) > 0:
@@ -145,6 +148,8 @@ class DatasetAdapter:
     mask_rule: ClassVar[str] = ""
     #: layout summary used in error messages
     layout: ClassVar[str] = ""
+    #: adapter options accepted as keyword arguments (they are part of the index cache key)
+    option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, root: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None, **options):
         if root is None:
@@ -153,6 +158,10 @@ class DatasetAdapter:
         if not self.root.is_dir():
             raise FdsError(f"data root {self.root} does not exist or is not a folder "
                            f"(dataset '{self.name}' expects: {self.layout})")
+        unknown = sorted(set(options) - set(self.option_names))
+        if unknown:
+            raise FdsError(f"dataset '{self.name}' has no option {', '.join(map(repr, unknown))}; options: "
+                           f"{', '.join(self.option_names) or 'none'}")
         self.options = options
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "index"
         self._index: DatasetIndex | None = None

@@ -190,7 +190,10 @@ def plot_stats(stats: dict, path: Path) -> Path:
     data_a = [np.maximum(np.asarray(stats["classes"][c]["areas"], float), 1) for c in classes]
     for ax, data, title, lines in ((axes[0], data_p, "area proportion (%)", (0.3, 2.0)),
                                    (axes[1], data_a, "pixel area (px)", (900,))):
-        ax.boxplot(data, vert=False, showfliers=True, flierprops={"markersize": 2})
+        try:
+            ax.boxplot(data, orientation="horizontal", showfliers=True, flierprops={"markersize": 2})
+        except TypeError:  # matplotlib < 3.10
+            ax.boxplot(data, vert=False, showfliers=True, flierprops={"markersize": 2})
         ax.set_xscale("log")
         ax.set_xlabel(title)
         for x in lines:
