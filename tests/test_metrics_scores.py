@@ -60,6 +60,8 @@ def make_case(rng, kind, n=4, h=14, w=15):
             m = np.full((h, w), 0.5)
         elif kind == "perfect":
             m = np.where(g, 0.9, 0.1)
+        elif kind == "extremes":  # exact 0.0 / 1.0 values, on both classes
+            m = rng.choice([0.0, 1.0, 0.5, 0.25], size=(h, w), p=[0.4, 0.3, 0.2, 0.1])
         else:
             m = rng.random((h, w)) * 0.8 + 0.2 * g
         maps.append(m.astype(np.float32).astype(np.float64))
@@ -78,7 +80,7 @@ def meter(maps, gts, **kw):
     return m.compute()
 
 
-@pytest.mark.parametrize("kind", ["random", "ties", "constant", "perfect"])
+@pytest.mark.parametrize("kind", ["random", "ties", "constant", "perfect", "extremes"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_exact_pixel_metrics_match_references(kind, seed):
     rng = np.random.default_rng(seed)
@@ -132,8 +134,8 @@ def test_undefined_metrics_are_none():
         assert r["n_queries"] == 0 and r["miou"] is None and r["pixel_auroc"] is None
 
 
-@pytest.mark.parametrize("kind", ["random", "ties", "constant", "perfect"])
-@pytest.mark.parametrize("bins", [4, 100, 10000])
+@pytest.mark.parametrize("kind", ["random", "ties", "constant", "perfect", "extremes"])
+@pytest.mark.parametrize("bins", [3, 4, 100, 10000])
 def test_binned_within_stated_bound(kind, bins):
     rng = np.random.default_rng(bins)
     maps, gts = make_case(rng, kind, n=6)

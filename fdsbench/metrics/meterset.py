@@ -73,7 +73,28 @@ def _image_score_fn(spec: str):
 
 
 class MeterSet:
-    """Segmentation + score meters with mergeable state. See the module docstring."""
+    """Segmentation + score meters with mergeable state. See the module docstring.
+
+    ``compute()`` keys (fractions in [0, 1]; ``None`` where undefined):
+
+    * ``miou`` (mean over classes of pooled I/U), ``per_class`` {class: iou, intersection, union,
+      episodes, images, defective_images, per_image_iou, per_image_dice, image_auroc},
+      ``n_classes``, ``fbiou`` (pooled fg/bg), ``fbiou_classmean``, ``iou_fg``, ``iou_bg``,
+      ``episode_miou`` (mean of per-episode IoU, its own name);
+    * ``per_image_iou`` / ``per_image_dice``: mean over queries with a NON-EMPTY ground truth
+      (NBR+CaP protocol; normal queries are excluded, ``n_defective_images`` counts the others);
+      ``per_image_iou_all`` / ``per_image_dice_all``: mean over all queries where an EMPTY UNION
+      (empty GT, empty prediction) scores 1.0 and an empty GT with a false positive scores 0.0;
+    * ``image_acc_area`` / ``image_auroc_area``: detection by predicted area (NBR+CaP §IV-G);
+    * ``by_size`` {"area_ratio": {"<0.3%", "0.3%-2%", ">=2%"}, "area_px": {"<900px",
+      "900px-8100px", ">=8100px"}} each {images, iou (pooled), per_image_iou, per_image_dice};
+    * ``image_auroc`` (image score per ``image_score``; None unless both normal and defective
+      queries exist), ``image_auroc_classmean``, ``n_normal_images``;
+    * ``pixel_auroc``, ``pixel_f1_max``, ``pixel_f1_threshold``, ``aupro`` (to ``fpr_limit``,
+      normalised) and their ``*_error_bound`` (0 in exact mode), ``bins`` in binned mode;
+    * ``threshold``, ``score_mode``, ``image_score``, ``score_transform``, ``fpr_limit``,
+      ``n_queries``, ``n_episodes`` (distinct (episode, class) pairs), ``n_pixels``.
+    """
 
     def __init__(self, threshold: float = 0.5, score_mode: str = "exact", image_score: str = "max",
                  logits: bool = False, bins: int = 10000, fpr_limit: float = 0.3,

@@ -96,12 +96,8 @@ def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg: np.ndarray, n_regi
         raise ValueError("fpr_limit must be in (0, 1]")
     ns = neg if neg_sorted else np.sort(neg, kind="stable")
     dt = np.result_type(ns.dtype, pos.dtype)
-    order = np.argsort(-pos.astype(dt, copy=False), kind="stable")  # descending, ties keep order
-    minus_pos = -pos[order].astype(dt, copy=False)  # ascending
-    cw = np.concatenate(([0.0], np.cumsum(pos_weight[order].astype(np.float64)))) / n_regions
-    np.minimum(cw, 1.0, out=cw)  # sum of 1/|r| over a region may round to 1 + 1 ulp
-    # Distinct negative levels, descending. Only those with FPR <= limit and the first one past
-    # it matter: they all lie among the k_max largest negatives (a window view, no copy).
+    # Distinct negative levels. Only those with FPR <= limit and the first one past it matter:
+    # they all lie among the k_max largest negatives (a window view of the sorted array, no copy).
     k_max = min(N, int(np.floor(fpr_limit * N)) + 1)
     top = ns[N - k_max:]
     first = np.empty(k_max, bool)
@@ -109,14 +105,23 @@ def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg: np.ndarray, n_regi
     np.not_equal(top[1:], top[:-1], out=first[1:])
     fidx = np.flatnonzero(first)
     del first
-    levels = top[fidx][::-1].astype(dt, copy=False)
-    cnt_ge = (k_max - fidx)[::-1]  # negatives >= level
+    lev_asc = top[fidx].astype(dt, copy=False)
+    L = lev_asc.size
+    cnt_ge = (k_max - fidx)[::-1]  # negatives >= level, levels descending
     # the smallest level of the window may have equal negatives below the window
-    cnt_ge[-1] = N - int(np.searchsorted(ns, levels[-1], side="left"))
+    cnt_ge[-1] = N - int(np.searchsorted(ns, lev_asc[0], side="left"))
     fpr_after = cnt_ge / N
     fpr_before = np.concatenate(([0.0], fpr_after[:-1]))
-    pro_before = cw[np.searchsorted(minus_pos, -levels, side="left")]   # positives > level
-    pro_after = cw[np.searchsorted(minus_pos, -levels, side="right")]   # positives >= level
+    # PRO at each level (descending index i): sum of weights of positives >= (or >) level i.
+    # A positive p is >= level i iff i >= #levels > p; bin positives by that index, then cumsum.
+    p = pos.astype(dt, copy=False)
+    w = pos_weight.astype(np.float64, copy=False)
+    i_ge = L - np.searchsorted(lev_asc, p, side="right")  # #levels > p
+    i_gt = L - np.searchsorted(lev_asc, p, side="left")   # #levels >= p
+    pro_after = np.cumsum(np.bincount(i_ge, weights=w, minlength=L + 1)[:L]) / n_regions
+    pro_before = np.cumsum(np.bincount(i_gt, weights=w, minlength=L + 1)[:L]) / n_regions
+    np.minimum(pro_after, 1.0, out=pro_after)  # sum of 1/|r| over a region may round up 1 ulp
+    np.minimum(pro_before, 1.0, out=pro_before)
     area, _ = _integrate(fpr_before, fpr_after, pro_before, pro_after, fpr_limit)
     return min(1.0, area / fpr_limit)
 
