@@ -14,9 +14,17 @@ distinct non-zero value of a mask is one (image, class) entry; the episode's gro
 number of classes per object is the official one (hard-coded for flat objects and toothbrush, else
 the number of defect folders); a value beyond it is an unknown category id (error, left out).
 Paths with a ``good`` folder are not defect images; ``image/good/*`` become the object's normal pool.
-Masks must be single-channel (L, P or I;16): an RGB mask is reported, not converted.
+Masks must be single-channel (L, P or I;16): an RGB mask is reported, not converted; the
+``rbg_mask`` colour previews of the release are not read.
+
+The root is either the SOFS arrangement above (the VISION part renamed ``<Object>_VISION``, all
+objects side by side, as the SOFS README asks) or the publisher's download itself
+(``DS-MVTec/<obj>``, ``DS-VISION/<Object>``, ``DS-DAGM``, ``DS-Cotton-Fabric``; ``synthetic_*`` skipped),
+which is read in place with the same object names.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +37,8 @@ from fdsbench.registry import register_dataset
 FLAT_CLASSES = {"DS-DAGM": 5, "DS-Cotton-Fabric": 2, "Capacitor_VISION": 3, "Console_VISION": 4,
                 "Groove_VISION": 2, "Ring_VISION": 4, "Screw_VISION": 3, "Wood_VISION": 4}
 FIXED_CLASSES = {"toothbrush": 3}
+#: top folders of the publisher's release (HF DefectSpectrum/Defect_Spectrum)
+PUBLISHED = ("DS-MVTec", "DS-VISION", "DS-DAGM", "DS-Cotton-Fabric")
 
 
 def read_index_mask(path):
@@ -55,19 +65,43 @@ class DefectSpectrum(DatasetAdapter):
     layout = ("<obj>/image/<defect_type>/<name>.png|jpg + <obj>/mask/<defect_type>/<name>_mask.png, or flat "
               "<obj>/image/<name>.png|jpg + <obj>/mask/<name>_mask.png (DS-DAGM, DS-Cotton-Fabric, <Object>_VISION)")
 
+    def objects(self) -> list[tuple[str, Path]]:
+        """(object name, folder): the SOFS arrangement (all objects side by side) or, when the root
+        holds the publisher's DS-MVTec / DS-VISION / DS-DAGM / DS-Cotton-Fabric folders, those read in
+        place (DS-MVTec/<obj> -> <obj>, DS-VISION/<Object> -> <Object>_VISION)."""
+        dirs = lambda p: [d for d in sorted(p.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        if any((self.root / n).is_dir() for n in PUBLISHED):
+            out = []
+            for top in dirs(self.root):
+                if top.name == "DS-MVTec":
+                    out += [(d.name, d) for d in dirs(top)]
+                elif top.name == "DS-VISION":
+                    out += [(f"{d.name}_VISION", d) for d in dirs(top)]
+                elif top.name in ("DS-DAGM", "DS-Cotton-Fabric"):
+                    out.append((top.name, top))
+                elif top.name.startswith("synthetic_"):
+                    continue  # the generated images of the release are not part of the benchmark
+                else:
+                    out.append((top.name, top))
+            return out
+        return [(d.name, d) for d in dirs(self.root)]
+
     def scan(self) -> list[ImageRecord]:
         records: list[ImageRecord] = []
-        objs = [p for p in sorted(self.root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-        if not any((p / "image").is_dir() for p in objs):
+        objs = self.objects()
+        if not any((p / "image").is_dir() for _, p in objs):
             raise DataError(f"no <obj>/image/ folder under {self.root}; dataset 'defect_spectrum' expects: "
                             f"{self.layout}")
-        for obj_dir in objs:
-            obj = obj_dir.name
+        for obj, obj_dir in objs:
             if not (obj_dir / "image").is_dir():
                 self.note("warning", obj_dir, "folder has no image/ subfolder: ignored")
                 continue
-            if obj in FLAT_CLASSES:
-                n_cls = FLAT_CLASSES[obj]
+            flat = obj in FLAT_CLASSES or (obj.endswith("_VISION") and image_files(obj_dir / "image"))
+            if flat:
+                n_cls = FLAT_CLASSES.get(obj, 255)
+                if obj not in FLAT_CLASSES:
+                    self.note("warning", obj_dir, f"{obj} is not an object of the SOFS Defect Spectrum split; its "
+                                                  f"number of classes is not checked")
                 items = [(img, obj_dir / "mask" / f"{img.stem}_mask.png") for img in image_files(obj_dir / "image")]
             else:
                 types = sorted(p for p in (obj_dir / "image").iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -249,7 +249,7 @@ def add_datasets_cli(subparsers) -> None:
                               ("stats", cmd_stats, "defect-size table and PNG (SOFS Fig. 6/7)")):
         q = sub.add_parser(name, help=help_)
         q.add_argument("name", help="dataset adapter (fdsbench datasets list)")
-        q.add_argument("root", nargs="?" if name == "stats" else None, default=None, help="dataset root folder")
+        q.add_argument("root", nargs="?", default=None, help="dataset root folder (optional for synthetic)")
         q.add_argument("--cache-dir", default=None, help="index cache folder (default ~/.cache/fdsbench/index)")
         q.add_argument("--option", "-o", action="append", default=[],
                        help="adapter option key=value (e.g. domain=view for aebad, mask_threshold=0 for folder)")

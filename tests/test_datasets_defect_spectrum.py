@@ -66,3 +66,20 @@ def test_toothbrush_and_flat_class_counts_follow_the_official_loader(tmp_path):
     assert "toothbrush/2" in ds.index.classes  # 3 classes hard-coded although one folder
     assert "DS-DAGM/4" in ds.index.classes and "DS-DAGM/5" not in ds.index.classes  # DS-DAGM has 5
     assert any("value 6" in p.message for p in ds.scan_problems)
+
+
+def test_publisher_download_is_read_in_place(tree, tmp_path):
+    pub = tmp_path / "Defect_Spectrum"
+    (pub / "DS-MVTec").mkdir(parents=True)
+    (tree / "grid").rename(pub / "DS-MVTec" / "grid")
+    (tree / "DS-Cotton-Fabric").rename(pub / "DS-Cotton-Fabric")
+    for k in range(2):
+        T.write_image(pub / "DS-VISION" / "Ring" / "image" / f"{k}.png", 12, 12)
+        T.write_mask(pub / "DS-VISION" / "Ring" / "mask" / f"{k}_mask.png", T.box_mask(12, 12, 1, 1, 3, 4))
+        T.write_mask(pub / "DS-VISION" / "Ring" / "rbg_mask" / f"{k}_rbg_mask.png", T.box_mask(12, 12, 1, 1, 3))
+    T.write_image(pub / "synthetic_MVTec" / "grid" / "image" / "x" / "0.png")
+    ds = open_ds(pub, tmp_path)
+    assert ds.index.objects == ["DS-Cotton-Fabric", "Ring_VISION", "grid"]
+    assert "Ring_VISION/3" in ds.index.classes and "grid/1" in ds.index.classes
+    assert ds.test_objects(0) == ["Ring_VISION", "grid"]
+    assert ds.load_mask("DS-MVTec/grid/image/glue/000.png", "1").sum() == 25
