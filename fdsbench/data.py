@@ -319,7 +319,12 @@ class DatasetAdapter:
         return [c for c in self.index.classes if c.split("/", 1)[0] in objs]
 
     def normal_pool(self, obj: str) -> NormalPool:
-        return NormalPool(self.index.normals.get(obj, []), self.load_image)
+        """Defect-free images of ``obj`` a method may fit on. Where the publisher splits the object
+        (MVTec AD, VisA, AeBAD: split "train"/"test"), only the train-split normals: the test-split
+        normals are queries of the FAD / NBR+CaP protocols and must never be in the pool."""
+        ids = self.index.normals.get(obj, [])
+        train = [i for i in ids if self.index.records[i].split == "train"]
+        return NormalPool(train or ids, self.load_image)
 
     def train_source(self, fold: int, seed: int) -> TrainSource:
         objs = set(self.train_objects(fold))

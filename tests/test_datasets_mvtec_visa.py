@@ -104,3 +104,12 @@ def test_visa_malformed(tmp_path):
     csv.unlink()
     with pytest.raises(DataError, match="split_csv/1cls.csv not found"):
         open_ds("visa", root, tmp_path).index
+
+
+def test_normal_pool_holds_only_train_split_normals_where_split(tmp_path):
+    ds = open_ds("mvtec_ad", T.make_mvtec(tmp_path / "mvtec", categories=("tile",)), tmp_path)
+    pool = ds.normal_pool("tile")
+    assert pool.ids == [f"tile/train/good/{k:03d}.png" for k in range(4)]
+    assert pool[0].shape == (16, 16, 3)
+    folder = open_ds("folder", T.make_folder(tmp_path / "own"), tmp_path)
+    assert folder.normal_pool("severstal_steel").ids == ["severstal_steel/normal/n0.png"]
