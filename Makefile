@@ -16,6 +16,7 @@ DEVICE   ?= cpu
 PRESET   ?=
 PROTOCOL ?=
 WORKDIR  ?= runs
+LEADERBOARDS ?= leaderboards
 EPISODES ?= 20
 PLUGIN   ?=
 FORCE    ?=
@@ -49,7 +50,7 @@ fps: setup
 	$(VENV)/bin/fdsbench fps $(RUN_ARGS) --episodes $(EPISODES)
 
 leaderboard: setup
-	$(VENV)/bin/fdsbench leaderboard --workdir $(WORKDIR) --out leaderboards
+	$(VENV)/bin/fdsbench leaderboard --workdir $(WORKDIR) --out $(LEADERBOARDS)
 
 episodes: setup
 	$(VENV)/bin/fdsbench episodes make --dataset $(DATASET) --fold $(FOLD) --shot $(SHOT) --runs $(RUNS) \

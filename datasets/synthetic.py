@@ -284,3 +284,29 @@ class Synthetic(DatasetAdapter):
                 records.append(ImageRecord(f"{obj}/normal/{img.stem}", str(img.relative_to(self.root)), obj,
                                            normal=True))
         return records
+
+
+def montage(path: str | os.PathLike, seed: int = 0, tile: int = 200) -> Path:
+    """A 3x3 picture of one defect image per object (defect pixels tinted red), fold by row."""
+    ds = Synthetic(None, seed=seed)
+    rows = []
+    for fold in FOLDS:
+        tiles = []
+        for obj in fold:
+            cls = ds.index.classes_of(obj)[0]
+            image_id = ds.index.images_of[cls][0]
+            img = ds.load_image(image_id)
+            m = ds.load_mask(image_id, cls.split("/", 1)[1])
+            img[m] = (0.4 * img[m] + 0.6 * np.array([255, 0, 0])).astype(np.uint8)
+            tiles.append(np.asarray(Image.fromarray(img).resize((tile, tile), Image.BILINEAR)))
+        rows.append(np.concatenate(tiles, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(montage(sys.argv[1] if len(sys.argv) > 1 else "docs/synthetic.png"))

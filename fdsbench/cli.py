@@ -34,6 +34,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="import a plugin file that registers methods (repeatable)")
     p.add_argument("--force", action="store_true", help="recompute finished runs")
     p.add_argument("--max-episodes", type=int, default=None, help="evaluate only the first N episodes")
+    p.add_argument("--checkpoint-every", type=float, default=20.0, metavar="SECONDS",
+                   help="save resumable progress at most this often")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -48,7 +50,8 @@ def _spec(args):
                      protocol=blank(args.protocol), protocol_options=parse_overrides(args.protocol_opt),
                      preset=blank(args.preset), overrides=parse_overrides(args.overrides), device=args.device,
                      threshold=args.threshold, workdir=args.workdir, plugins=args.plugin, force=args.force,
-                     max_episodes=args.max_episodes, progress=not args.no_progress)
+                     max_episodes=args.max_episodes, progress=not args.no_progress,
+                     checkpoint_every_s=args.checkpoint_every)
 
 
 def cmd_bench(args) -> int:

@@ -15,6 +15,7 @@ One run = one (method config, dataset, fold, shot, seed, protocol). The runner
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 import sys
@@ -279,8 +280,6 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
         rid = run_id(spec, method, manifest)
         path = Path(spec.workdir) / "runs" / f"{rid}.json"
         if path.is_file() and not spec.force:
-            import json
-
             log(f"run {rid} is complete; reusing its record (FORCE=1 recomputes)")
             records.append(json.loads(path.read_text()))
             continue
@@ -302,5 +301,5 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
         partial = path.with_suffix(".partial.pkl")
         if partial.exists():
             partial.unlink()
-        records.append(record)
+        records.append(json.loads(path.read_text()))  # exactly what a later reader sees
     return records

@@ -1,1 +1,4 @@
-X=1
+"""``proto``: the training-free prototype baseline (see method.py)."""
+from .method import Proto
+
+__all__ = ["Proto"]

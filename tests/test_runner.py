@@ -1,0 +1,148 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fdsbench.errors import FdsError
+from fdsbench.method import Method
+from fdsbench.registry import register_method
+from fdsbench.runner import BenchSpec, run
+from fdsbench.types import Requirements
+
+CALLS = {"prepare": 0, "predict": 0, "fail_at": None}
+
+
+@register_method("flaky_mean")
+class FlakyMean(Method):
+    """Test method: mean-colour distance; can be made to die mid-run (CALLS['fail_at'])."""
+
+    requires = Requirements()
+
+    @dataclass
+    class Config:
+        scale: float = 60.0
+
+    def prepare(self, support):
+        CALLS["prepare"] += 1
+        return np.concatenate([s.image[s.mask] for s in support.shots]).mean(0)
+
+    def predict(self, state, query):
+        CALLS["predict"] += 1
+        if CALLS["fail_at"] is not None and CALLS["predict"] >= CALLS["fail_at"]:
+            raise KeyboardInterrupt
+        d = np.sqrt(((query.image.astype(np.float32) - state) ** 2).sum(-1))
+        return np.exp(-d / self.config.scale).astype(np.float32)
+
+
+def spec(workdir, **kw):
+    base = dict(method="flaky_mean", dataset="synthetic", fold=1, workdir=str(workdir), progress=False,
+                checkpoint_every_s=0.0, max_episodes=12)
+    return BenchSpec(**{**base, **kw})
+
+
+def test_interrupted_run_resumes_with_identical_numbers(synthetic, tmp_path):
+    CALLS.update(prepare=0, predict=0, fail_at=None)
+    reference = run(spec(tmp_path / "ref"))[0]
+    assert CALLS["prepare"] == 12
+
+    CALLS.update(prepare=0, predict=0, fail_at=6)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec(tmp_path / "resume"))
+    partial = list((tmp_path / "resume" / "runs").glob("*.partial.pkl"))
+    assert len(partial) == 1
+    CALLS.update(prepare=0, predict=0, fail_at=None)
+    resumed = run(spec(tmp_path / "resume"))[0]
+    assert CALLS["prepare"] == 12 - 5  # the 5 finished episodes are not recomputed
+    assert resumed["metrics"] == reference["metrics"]
+    assert resumed["manifest_hash"] == reference["manifest_hash"]
+    assert not list((tmp_path / "resume" / "runs").glob("*.partial.pkl"))
+
+
+def test_finished_run_is_reused_and_force_recomputes_identically(synthetic, tmp_path):
+    CALLS.update(prepare=0, predict=0, fail_at=None)
+    first = run(spec(tmp_path))[0]
+    n = CALLS["prepare"]
+    again = run(spec(tmp_path))[0]
+    assert CALLS["prepare"] == n and again == first
+    forced = run(spec(tmp_path, force=True))[0]
+    assert CALLS["prepare"] == 2 * n
+    assert forced["metrics"] == first["metrics"]
+
+
+def test_run_record_contents(synthetic, tmp_path):
+    rec = run(spec(tmp_path, runs=2, seed=3))
+    assert [r["seed"] for r in rec] == [3, 4] and rec[0]["manifest_hash"] != rec[1]["manifest_hash"]
+    r = json.loads((tmp_path / "runs" / f"{rec[0]['run_id']}.json").read_text())
+    for key in ("config", "config_hash", "weights", "dataset_hash", "manifest_hash", "seed", "environment",
+                "device", "precision", "metrics", "timing", "protocol"):
+        assert key in r, key
+    assert r["environment"]["torch"] and r["metrics"]["per_class"]
+    assert 0 <= r["metrics"]["miou"] <= 1 and r["timing"]["fps"] > 0
+
+
+def test_requirements_are_enforced(synthetic, tmp_path):
+    @register_method("needs_normals")
+    class NeedsNormals(Method):
+        requires = Requirements(normal_pool=True)
+
+        def prepare(self, support):
+            assert len(support.normal_pool) > 0
+            return support.normal_pool[0].mean()
+
+        def predict(self, state, query):
+            return np.zeros(query.size, np.float32)
+
+    rec = run(spec(tmp_path, method="needs_normals", max_episodes=2))[0]
+    assert rec["episodes"] == 2
+    with pytest.raises(FdsError, match="few-shot anomaly detection"):
+        run(spec(tmp_path, protocol="fad"))
+
+
+def test_bad_prediction_is_named(synthetic, tmp_path):
+    @register_method("bad_output")
+    class Bad(Method):
+        def prepare(self, support):
+            return None
+
+        def predict(self, state, query):
+            return np.full(query.size, 2.0, np.float32)
+
+    with pytest.raises(FdsError, match=r"bad_output.*\[0, 1\]"):
+        run(spec(tmp_path, method="bad_output", max_episodes=1))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(args, workdir, **popen):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fdsbench.cli", "bench", "--workdir", str(workdir),
+                             "--no-progress", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+def test_killed_cli_run_resumes(synthetic, tmp_path):
+    """SIGKILL mid-run (no chance to clean up), then the same command resumes and matches a clean run."""
+    args = ["--method", "proto", "--preset", "test", "--fold", "2", "--max-episodes", "16",
+            "--checkpoint-every", "0"]
+    p = _cli(args, tmp_path / "a")
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "a" / "runs").glob("*.partial.pkl")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert list((tmp_path / "a" / "runs").glob("*.partial.pkl")), "no progress was saved before the kill"
+    out, err = _cli(args, tmp_path / "a").communicate(timeout=300)
+    assert "resuming" in err, err
+    clean_out, clean_err = _cli(args, tmp_path / "b").communicate(timeout=300)
+    rec_a = json.loads(next((tmp_path / "a" / "runs").glob("*.json")).read_text())
+    rec_b = json.loads(next((tmp_path / "b" / "runs").glob("*.json")).read_text())
+    assert rec_a["metrics"] == rec_b["metrics"]
