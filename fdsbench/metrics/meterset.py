@@ -329,6 +329,8 @@ def _exact_pixel_metrics(chunks, n_regions: int, fpr_limit: float) -> dict:
         o += sc.size - k
         op += k
     neg.sort()
+    order = np.argsort(pos, kind="stable")  # sorted needles make searchsorted cache-friendly
+    pos, size = pos[order], size[order]
     f1, t = f1max_exact(pos, neg, neg_sorted=True)
     out = {
         "pixel_auroc": auroc_exact(pos, neg, neg_sorted=True),
