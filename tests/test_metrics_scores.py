@@ -247,3 +247,28 @@ def test_torch_inputs():
     c = MeterSet()
     c.update(torch.from_numpy(p).to(torch.bfloat16), g, "o/c", 0, "q")
     assert c.compute()["n_queries"] == 1
+
+
+@pytest.mark.parametrize("mode", ["exact", "binned"])
+def test_per_class_scores(mode):
+    rng = np.random.default_rng(9)
+    classes = {}
+    m = MeterSet(score_mode=mode, per_class_scores=True, bins=50)
+    for i in range(9):
+        c = ["a/*", "b/*", "c/*"][i % 3]
+        maps, gts = make_case(rng, "random", n=1)
+        gts[0][1:4, 1:5] = True
+        classes.setdefault(c, []).append((maps[0], gts[0]))
+        m.update(maps[0], gts[0], c, i, f"q{i}")
+    r = m.compute()
+    vals = []
+    for c, items in classes.items():
+        single = meter([p for p, _ in items], [g for _, g in items], score_mode=mode, bins=50)
+        for k in ("pixel_auroc", "pixel_f1_max", "aupro"):
+            assert abs(r["per_class"][c][k] - single[k]) < TOL
+        vals.append(single["pixel_auroc"])
+    assert r["pixel_auroc_classmean"] == pytest.approx(np.mean(vals))
+    # state round trip keeps the per-class scores
+    m2 = MeterSet(score_mode=mode, per_class_scores=True, bins=50)
+    m2.load_state_dict(m.state_dict())
+    assert m2.compute() == r

@@ -30,20 +30,22 @@ def run(qs, **kw):
     return m
 
 
+@pytest.mark.parametrize("pcs", [False, True])
 @pytest.mark.parametrize("mode", ["exact", "binned", "off"])
-def test_shard_reorder_resume_bit_identical(mode):
+def test_shard_reorder_resume_bit_identical(mode, pcs):
     qs = queries()
-    ref = run(qs, score_mode=mode, bins=64).compute()
+    kw = dict(score_mode=mode, bins=64, per_class_scores=pcs)
+    ref = run(qs, **kw).compute()
     json.dumps(ref)  # JSON-able
     rng = np.random.default_rng(1)
     for trial in range(3):
         perm = rng.permutation(len(qs))
         shards = np.array_split(perm, 1 + trial * 2)
-        parts = [run([qs[i] for i in s], score_mode=mode, bins=64) for s in shards]
+        parts = [run([qs[i] for i in s], **kw) for s in shards]
         # each shard goes through a pickled state dict, as from another process / a checkpoint
-        total = MeterSet(score_mode=mode, bins=64)
+        total = MeterSet(**kw)
         for p in reversed(parts):
-            other = MeterSet(score_mode=mode, bins=64)
+            other = MeterSet(**kw)
             other.load_state_dict(pickle.loads(pickle.dumps(p.state_dict())))
             total.merge(other)
         assert total.compute() == ref

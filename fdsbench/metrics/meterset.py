@@ -92,13 +92,18 @@ class MeterSet:
       queries exist), ``image_auroc_classmean``, ``n_normal_images``;
     * ``pixel_auroc``, ``pixel_f1_max``, ``pixel_f1_threshold``, ``aupro`` (to ``fpr_limit``,
       normalised) and their ``*_error_bound`` (0 in exact mode), ``bins`` in binned mode;
+    * with ``per_class_scores=True``: ``per_class[c]`` also holds ``pixel_auroc``,
+      ``pixel_f1_max``, ``aupro`` of that class alone, and ``pixel_auroc_classmean``,
+      ``pixel_f1_max_classmean``, ``aupro_classmean`` average them (the per-category mean the
+      anomaly-detection papers report; binned mode then keeps one histogram set per class);
     * ``threshold``, ``score_mode``, ``image_score``, ``score_transform``, ``fpr_limit``,
       ``n_queries``, ``n_episodes`` (distinct (episode, class) pairs), ``n_pixels``.
     """
 
     def __init__(self, threshold: float = 0.5, score_mode: str = "exact", image_score: str = "max",
                  logits: bool = False, bins: int = 10000, fpr_limit: float = 0.3,
-                 connectivity: int = 8, ratio_edges=RATIO_EDGES, area_edges=AREA_EDGES):
+                 connectivity: int = 8, ratio_edges=RATIO_EDGES, area_edges=AREA_EDGES,
+                 per_class_scores: bool = False):
         if score_mode not in ("exact", "binned", "off"):
             raise FdsError(f"unknown score_mode '{score_mode}'; use exact, binned or off")
         if connectivity not in (4, 8):
@@ -112,11 +117,13 @@ class MeterSet:
             "logits": bool(logits), "bins": int(bins), "fpr_limit": float(fpr_limit),
             "connectivity": int(connectivity), "ratio_edges": [float(v) for v in ratio_edges],
             "area_edges": [float(v) for v in area_edges],
+            "per_class_scores": bool(per_class_scores),
         }
         self._score_fn = _image_score_fn(image_score)
         self._rows: dict[tuple, dict] = {}
         self._chunks: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._binned = BinnedScores(bins) if score_mode == "binned" else None
+        self._binned_pc: dict[str, BinnedScores] = {}  # per class, with per_class_scores
 
     # ---- feeding -------------------------------------------------------------------------------
     def update(self, prob, gt, class_key: str, episode: int, query_id: str) -> None:
@@ -183,6 +190,9 @@ class MeterSet:
                 self._chunks[key] = (scores, pos_idx, sizes[reg].astype(np.int32))
             else:
                 self._binned.update(p.ravel(), lab, reg, sizes)
+                if self.config["per_class_scores"]:
+                    self._binned_pc.setdefault(key[2], BinnedScores(self.config["bins"])).update(
+                        p.ravel(), lab, reg, sizes)
         self._rows[key] = row
 
     # ---- state ---------------------------------------------------------------------------------
@@ -213,6 +223,9 @@ class MeterSet:
             }
         elif self.config["score_mode"] == "binned":
             state["pixels"] = self._binned.state_dict()
+            if self.config["per_class_scores"]:
+                state["pixels_per_class"] = {c: self._binned_pc[c].state_dict()
+                                             for c in sorted(self._binned_pc)}
         return state
 
     def _check_config(self, cfg: dict, what: str) -> None:
@@ -247,6 +260,10 @@ class MeterSet:
         elif self.config["score_mode"] == "binned":
             self._binned = BinnedScores(self.config["bins"])
             self._binned.load_state_dict(px)
+            self._binned_pc = {}
+            for c, st in state.get("pixels_per_class", {}).items():
+                self._binned_pc[c] = BinnedScores(self.config["bins"])
+                self._binned_pc[c].load_state_dict(st)
 
     def merge(self, other: "MeterSet") -> "MeterSet":
         """Add ``other``'s queries to this meter (disjoint keys required). Returns ``self``."""
@@ -261,6 +278,10 @@ class MeterSet:
             self._chunks.update(other._chunks)
         elif self.config["score_mode"] == "binned":
             self._binned.merge(other._binned)
+            for c, b in other._binned_pc.items():
+                if c not in self._binned_pc:
+                    self._binned_pc[c] = BinnedScores(self.config["bins"])
+                self._binned_pc[c].merge(b)
         return self
 
     def __len__(self) -> int:
@@ -302,6 +323,20 @@ class MeterSet:
         else:
             out.update(_exact_pixel_metrics([self._chunks[k] for k in keys], int(r["n_regions"].sum()),
                                             cfg["fpr_limit"]))
+        if cfg["per_class_scores"] and cfg["score_mode"] != "off":
+            nreg = {}
+            for c, n in zip(r["class_key"], r["n_regions"].tolist()):
+                nreg[c] = nreg.get(c, 0) + n
+            for c, d in out["per_class"].items():
+                if cfg["score_mode"] == "binned":
+                    pc = self._binned_pc[c].compute(cfg["fpr_limit"])
+                else:
+                    pc = _exact_pixel_metrics([self._chunks[k] for k in keys if k[2] == c],
+                                              nreg[c], cfg["fpr_limit"])
+                d.update({k: pc[k] for k in ("pixel_auroc", "pixel_f1_max", "aupro")})
+            for k in ("pixel_auroc", "pixel_f1_max", "aupro"):
+                v = [d[k] for d in out["per_class"].values() if d[k] is not None]
+                out[k + "_classmean"] = float(np.mean(v)) if v else None
         out["n_pixels"] = int((r["tp"] + r["fp"] + r["fn"] + r["tn"]).sum())
         return out
 
