@@ -154,7 +154,8 @@ class MeterSet:
         if self.config["logits"]:
             if not np.isfinite(p).all():
                 raise FdsError(f"query '{qid}': logits contain NaN or inf")
-            p = (1.0 / (1.0 + np.exp(-p.astype(np.float64))))
+            with np.errstate(over="ignore"):  # exp overflow -> sigmoid 0, as it should
+                p = 1.0 / (1.0 + np.exp(-p.astype(np.float64)))
         else:
             lo, hi = float(np.min(p)), float(np.max(p))
             if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN

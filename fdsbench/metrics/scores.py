@@ -29,8 +29,14 @@ from the histograms alone, by (see :meth:`BinnedScores.compute`)
   instead of their true 0 or 1);
 * F1-max: ``0 <= exact - binned <= max_b UB_b - binned`` with ``UB_b = 2(TP_>b + pos_b) /
   (TP_>b + pos_b + FP_>b + P)``, the best F1 any threshold inside bin b could reach;
-* AUPRO: ``|err| <= (sum_b dFPR_b dPRO_b) / fpr_limit + bins * 2**-41`` over the bins below the
-  FPR limit (both curves lie in the same box per bin), plus the fixed-point rounding of PRO weights.
+* AUPRO: ``|err| <= (sum_b 0.5 dFPR_b dPRO_b + (limit - FPR_b') dPRO_b') / fpr_limit
+  + bins * 2**-41``: per bin both curves lie in the box spanned by its two edge points, the
+  binned one is the box's diagonal (half a box of error at most), and the bin b' that crosses the
+  FPR limit counts fully up to the limit; the last term is the fixed-point rounding of PRO weights.
+
+A-priori bounds for continuous score distributions follow: AUROC error <= 0.5 max_b neg_b / N,
+which is about 0.5 / bins when the negatives are spread over [0, 1]; in practice the
+data-dependent bound above is the one reported and tested.
 
 These bounds are returned with the values (``*_error_bound``) and are checked in the tests.
 """
