@@ -17,7 +17,8 @@
 
 State is mergeable: latencies concatenate, totals use ``math.fsum`` over sorted values and
 percentiles are computed on sorted values, so merged shards give the same numbers whatever the
-order. Peak memory merges by max. Each shard discards its own warm-up calls.
+order. Peak memory merges by max. Each shard, and each process resuming from a saved state,
+discards its own first ``warmup`` calls.
 """
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ class TimingMeter:
         self.precision = precision
         self._clock = clock
         self._times: dict[str, list[float]] = {"prepare": [], "predict": []}
-        self._seen = {"prepare": 0, "predict": 0}
+        self._seen = {"prepare": 0, "predict": 0}     # calls in total (state)
+        self._session = {"prepare": 0, "predict": 0}  # calls in this process (not state)
         self._warm = {"prepare": 0, "predict": 0}
         self._peak = 0
 
@@ -169,7 +171,8 @@ class TimingMeter:
         synchronize(self.device)
         dt = self._clock() - t0
         self._seen[what] += 1
-        if self._seen[what] <= self.warmup:
+        self._session[what] += 1
+        if self._session[what] <= self.warmup:
             self._warm[what] += 1
         else:
             self._times[what].append(float(dt))
@@ -200,6 +203,8 @@ class TimingMeter:
         self._warm = {"prepare": int(s["warmup_prepare"]), "predict": int(s["warmup_predict"])}
         self._seen = {"prepare": int(s["seen_prepare"]), "predict": int(s["seen_predict"])}
         self._peak = int(s["peak_memory_bytes"])
+        # a resumed run is a new process: its first calls are cold again and are warm-up
+        self._session = {"prepare": 0, "predict": 0}
 
     def _check(self, s: dict, what: str) -> None:
         for k, mine in (("device_type", self.kind), ("precision", self.precision)):

@@ -110,3 +110,15 @@ def test_cuda_synchronised_timing():
     r = tm.compute()
     assert r["peak_memory_bytes"] >= x.numel() * 4 and r["environment"]["cuda"]
     assert r["device_sync"] == "torch.cuda.synchronize" and y.shape == x.shape
+
+
+def test_resumed_process_warms_up_again():
+    clock = FakeClock()
+    tm = TimingMeter("cpu", warmup=1, clock=clock)
+    feed(tm, clock, [], [5.0, 0.1, 0.1])
+    resumed = TimingMeter("cpu", warmup=1, clock=clock)
+    resumed.load_state_dict(tm.state_dict())
+    feed(resumed, clock, [], [7.0, 0.1])  # 7 s: cold start of the new process
+    r = resumed.compute(environment=False)
+    assert r["predict"]["n"] == 3 and r["warmup_discarded"]["predict"] == 2
+    assert r["predict"]["max_s"] == pytest.approx(0.1)
