@@ -66,7 +66,15 @@ class VisionV1(DatasetAdapter):
     """VISION V1 in the layout of its public release (module docstring)."""
 
     folds = load_folds("vision_v1")
-    protocol_defaults = {"fss": {"crop_size": 518}}
+    protocol_defaults = {"fss": {"crop_size": 518, "area_resize_ratio": 0.01}}
+    #: SOFS train.sh: area_resize_ratio per fold (protocol-sofs.md §3.3, trap 5)
+    AREA_RESIZE_RATIO = (0.01, 0.005, 0.01)
+
+    def protocol_defaults_for(self, fold: int) -> dict:
+        fss = dict(self.protocol_defaults["fss"])
+        if 0 <= fold < len(self.AREA_RESIZE_RATIO):
+            fss["area_resize_ratio"] = self.AREA_RESIZE_RATIO[fold]
+        return {**self.protocol_defaults, "fss": fss}
     mask_rule = ("COCO polygons, coordinates truncated to int32, filled (boundary included); polygons and "
                  "annotations of one category OR-ed")
     layout = "<Object>/{train,val}/_annotations.coco.json + the images it lists"

@@ -136,6 +136,56 @@ def decode_mask(spec, root: Path, size: tuple[int, int] | None) -> np.ndarray:
     raise DataError(f"unknown mask spec {spec}")
 
 
+def resize_bilinear(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize [H, W] or [H, W, C] to ``size`` = (h, w) with OpenCV's INTER_LINEAR semantics: half-pixel
+    centres, edge clamping, no antialiasing; integer inputs are rounded back to their dtype."""
+    h, w = int(size[0]), int(size[1])
+    H, W = arr.shape[:2]
+    if (H, W) == (h, w):
+        return arr.copy()
+
+    def axis(n_in, n_out):
+        x = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+        x = np.clip(x, 0, n_in - 1)
+        i0 = np.floor(x).astype(np.int64)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, x - i0
+
+    y0, y1, fy = axis(H, h)
+    x0, x1, fx = axis(W, w)
+    a = arr.astype(np.float64)
+    fx_ = fx[None, :, None] if a.ndim == 3 else fx[None, :]
+    fy_ = fy[:, None, None] if a.ndim == 3 else fy[:, None]
+    top = a[y0][:, x0] * (1 - fx_) + a[y0][:, x1] * fx_
+    bottom = a[y1][:, x0] * (1 - fx_) + a[y1][:, x1] * fx_
+    out = top * (1 - fy_) + bottom * fy_
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        return np.clip(np.floor(out + 0.5), info.min, info.max).astype(arr.dtype)
+    return out.astype(arr.dtype)
+
+
+def resize_nearest(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize (OpenCV INTER_NEAREST: source index floor(dst * in / out))."""
+    H, W = arr.shape[:2]
+    ys = np.minimum((np.arange(size[0]) * (H / size[0])).astype(np.int64), H - 1)
+    xs = np.minimum((np.arange(size[1]) * (W / size[1])).astype(np.int64), W - 1)
+    return arr[ys][:, xs]
+
+
+def decode_mask_resized(spec, root: Path, size: tuple[int, int], out_size: tuple[int, int]) -> np.ndarray:
+    """The mask of ``spec`` at ``out_size`` for resizing protocols (see ``DatasetAdapter.load_mask``)."""
+    if isinstance(spec, list):
+        out = np.zeros(out_size, dtype=bool)
+        for s in spec:
+            out |= decode_mask_resized(s, root, size, out_size)
+        return out
+    if "png" in spec and "value" not in spec:
+        raw = read_gray(root / spec["png"])
+        return resize_bilinear(raw, out_size) > spec.get("threshold", 0)
+    return resize_nearest(decode_mask(spec, root, size), out_size)
+
+
 class DatasetAdapter:
     """Base class of every dataset format. Subclasses set ``name`` (via ``@register_dataset``),
     ``folds`` (test objects of each fold) and implement :meth:`scan`."""
@@ -260,8 +310,11 @@ class DatasetAdapter:
             raise DataError(f"image id '{image_id}' is not in dataset '{self.name}' at {self.root} "
                             f"(was the manifest made from another tree?)") from None
 
-    def load_image(self, image_id: str) -> np.ndarray:
-        return read_image(self.root / self.record(image_id).path)
+    def load_image(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        """RGB uint8 [H, W, 3] at the original size; ``size=(h, w)`` resizes it as the official GFDS
+        loader does (OpenCV bilinear, no antialiasing) — for protocols that resize, e.g. GFDS 256x256."""
+        img = read_image(self.root / self.record(image_id).path)
+        return img if size is None else resize_bilinear(img, size)
 
     def image_size(self, image_id: str) -> tuple[int, int]:
         rec = self.record(image_id)
@@ -275,9 +328,22 @@ class DatasetAdapter:
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read image {self.root / rec.path}: {e}") from None
 
-    def load_mask(self, image_id: str, cls: str) -> np.ndarray:
-        """Bool mask [H, W] of class ``cls`` (a class name, or ``"*"`` = union of all defects)."""
+    def load_mask(self, image_id: str, cls: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Bool mask [H, W] of class ``cls`` (a class name, or ``"*"`` = union of all defects).
+
+        ``size=(h, w)``: the mask of a resizing protocol (GFDS 256x256: the grey mask is resized
+        bilinearly, OpenCV-style, then the adapter's threshold applies — fm-fastsam.md §1.2); class-index
+        and polygon masks are resized nearest. Without ``size`` the mask is exact, at the image size."""
         rec = self.record(image_id)
+        if size is not None:
+            if cls == "*":
+                m = np.zeros(tuple(size), dtype=bool)
+                for c in rec.masks:
+                    m |= self.load_mask(image_id, c, size)
+                return m
+            if cls not in rec.masks:
+                return self.load_mask(image_id, cls)  # raises the clear error
+            return decode_mask_resized(rec.masks[cls], self.root, self.image_size(image_id), tuple(size))
         size = self.image_size(image_id)
         if cls == "*":
             m = np.zeros(size, dtype=bool)
@@ -292,6 +358,11 @@ class DatasetAdapter:
             raise DataError(f"mask of class '{cls}' for {rec.path} is {mask.shape[1]}x{mask.shape[0]} but the "
                             f"image is {size[1]}x{size[0]}; re-export the mask at the image size")
         return mask
+
+    def protocol_defaults_for(self, fold: int) -> dict[str, Any]:
+        """Protocol defaults of this dataset for ``fold`` (adapters override where a paper's settings
+        differ per fold, e.g. SOFS's area_resize_ratio 0.01 / 0.005 / 0.01 on VISION V1)."""
+        return self.protocol_defaults
 
     # ---- folds -------------------------------------------------------------------------------
     @property
