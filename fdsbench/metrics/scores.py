@@ -15,7 +15,11 @@ range. Conventions (the usual ones of the anomaly-detection literature, MVTec AD
   negative pixels of all images. The curve from (0, 0) through every distinct threshold, linearly
   interpolated, is integrated up to FPR = ``fpr_limit`` (0.3) and divided by ``fpr_limit`` so the
   value lies in [0, 1]. PRO is a pixel-weighted TPR with weight 1/(R |r|) per positive pixel, which
-  is how it is computed here (exactly, without a threshold grid).
+  is how it is computed here (exactly, without a threshold grid). This is the curve of the MVTec AD
+  reference evaluation (regions with an all-ones 3x3 structure = 8-connectivity, start at (0, 0),
+  one point per distinct score, values clipped to 1, trapezoid with interpolation at the limit),
+  without its float32 cumulative sums and without thresholds sampled on a grid (a common source
+  of values that differ between papers).
 
 Undefined metrics are ``None``: AUROC without positives or without negatives, F1-max without
 positives, AUPRO without regions or without negative pixels.
