@@ -243,10 +243,16 @@ class DatasetAdapter:
 
         h = hashlib.sha256(canonical_json([INDEX_VERSION, self.name, sorted(self.options.items(), key=str)]).encode())
         stack = [""]
+        seen_dirs: set[tuple[int, int]] = set()
         while stack:  # iterative walk with scandir: one stat per file, no path joins on the hot path
             rel = stack.pop()
+            folder = self.root / rel if rel else self.root
             try:
-                with os.scandir(self.root / rel if rel else self.root) as it:
+                st = folder.stat()
+                if (st.st_dev, st.st_ino) in seen_dirs:  # a symlink loop
+                    continue
+                seen_dirs.add((st.st_dev, st.st_ino))
+                with os.scandir(folder) as it:
                     entries = sorted(it, key=lambda e: e.name)
             except OSError:
                 continue

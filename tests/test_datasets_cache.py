@@ -55,3 +55,13 @@ def test_damaged_cache_is_rebuilt_and_problems_survive_the_cache(tmp_path):
         f.write_text("{broken")
     _, n3, ds3 = start(root, tmp_path / "cache")
     assert n3 == n and len(ds3.scan_problems) == 1
+
+
+def test_symlinked_folders_are_followed_and_loops_do_not_hang(tmp_path):
+    data = T.make_vision_v1(tmp_path / "store", objects=("Wood",), per_subset=1)
+    root = tmp_path / "v"
+    root.mkdir()
+    (root / "Wood").symlink_to(data / "Wood", target_is_directory=True)
+    (data / "Wood" / "train" / "loop").symlink_to(data / "Wood", target_is_directory=True)
+    _, n, ds = start(root, tmp_path / "cache")
+    assert n == 2 and ds.index.objects == ["Wood"]
