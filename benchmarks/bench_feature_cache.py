@@ -1,0 +1,188 @@
+"""Backbone forward calls and wall time with and without the frozen-feature cache, in one run.
+
+    python benchmarks/bench_feature_cache.py [--episodes 200] [--encoder resnet18] [--size 256]
+                                             [--fold 0] [--shot 1] [--device cpu]
+
+Workload (what a SOFS-style method encodes; sofs.md §2, protocol-sofs.md §5): the FSS episode
+manifests of the synthetic dataset (datasets/synthetic.py, generated offline) for one fold, seeds
+0, 1, 2, ... (the repeated test runs) concatenated until ``--episodes`` episodes. Per episode
+the encoder sees
+
+* the support: each defect-centred crop box of the manifest (``--size`` px, native resolution), or
+  the whole image resized to ``--size`` (longest side, zero padded) when the manifest keeps it whole;
+* the query: non-resizing sliding windows of ``--size`` px covering the image at native resolution
+  (last row/column shifted to the border), one batch per query.
+
+Three passes over the same episodes, same process, same inputs:
+  A. no cache: ``bb.forward_features`` on every batch;
+  B. ``CachedBackbone(bb)`` in memory (fresh): repeats of a window/crop/support are not encoded again;
+  C. a second fresh ``CachedBackbone`` on the on-disk dir filled by B ("the next run of the same
+     manifest").
+Printed per pass: backbone forward calls, images encoded, encoder time (sum of forward_features
+calls), wall time (including tensor preparation, identical in all passes; image decoding is done
+once before the passes and not timed), and the ratio A / B (and A / C). Outputs of B are checked
+against A on the first episodes.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fdsbench.backbones import build_backbone, imagenet_normalize  # noqa: E402
+from fdsbench.features import CachedBackbone  # noqa: E402
+
+
+def windows(h: int, w: int, size: int):
+    th, tw = min(size, h), min(size, w)
+    nh, nw = math.ceil(h / th), math.ceil(w / tw)
+    rows = [(a * th, (a + 1) * th) if a < nh - 1 else (h - th, h) for a in range(nh)]
+    cols = [(b * tw, (b + 1) * tw) if b < nw - 1 else (w - tw, w) for b in range(nw)]
+    return [(t, l, b, r) for t, b in rows for l, r in cols]
+
+
+def to_input(img: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 [h,w,3] -> normalised [3,size,size]: longest side resized to ``size`` if larger
+    (bilinear), zero padding bottom/right after normalisation."""
+    h, w = img.shape[:2]
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    if max(h, w) > size:
+        s = size / max(h, w)
+        nh, nw = int(h * s + 0.5), int(w * s + 0.5)
+        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+        h, w = nh, nw
+    x = imagenet_normalize(x)[0]
+    out = torch.zeros(3, size, size)
+    out[:, :h, :w] = x
+    return out
+
+
+def build_workload(n_episodes: int, fold: int, shot: int, size: int):
+    from fdsbench import episodes as E
+    from fdsbench.datasets.synthetic import Synthetic
+
+    ds = Synthetic()
+    proto = E.resolve_protocol("fss", shot, {"crop_size": size}, getattr(ds, "protocol_defaults", None))
+    eps, seeds = [], []
+    seed = 0
+    while len(eps) < n_episodes:
+        body = E.generate(ds, fold, shot, seed, proto)
+        eps += [E.Episode.from_json(e) for e in body["episodes"]]
+        seeds.append(seed)
+        seed += 1
+    eps = eps[:n_episodes]
+    images = {}
+    for ep in eps:
+        for ref in ep.supports:
+            images.setdefault(ref.id, None)
+        for q in ep.queries:
+            images.setdefault(q, None)
+    for i in images:
+        images[i] = ds.load_image(i)
+    return eps, images, seeds, ds
+
+
+def episode_batches(ep, images, size):
+    sup = []
+    for ref in ep.supports:
+        img = images[ref.id]
+        if ref.crops is None:
+            sup.append(to_input(img, size))
+        else:
+            for (t, l, b, r) in ref.crops:
+                sup.append(to_input(img[t:b, l:r], size))
+    out = [torch.stack(sup)]
+    for q in ep.queries:
+        img = images[q]
+        out.append(torch.stack([to_input(img[t:b, l:r], size) for (t, l, b, r) in windows(*img.shape[:2], size)]))
+    return out
+
+
+def run_pass(encode, eps, images, size, device, keep=0):
+    enc_time, calls, n_images, kept = 0.0, 0, 0, []
+    wall0 = time.perf_counter()
+    for k, ep in enumerate(eps):
+        for batch in episode_batches(ep, images, size):
+            batch = batch.to(device)
+            t0 = time.perf_counter()
+            feats = encode(batch)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            enc_time += time.perf_counter() - t0
+            calls += 1
+            n_images += batch.shape[0]
+            if k < keep:
+                kept.append([f.cpu() for f in feats])
+    return {"wall": time.perf_counter() - wall0, "encoder": enc_time, "calls": calls, "images": n_images,
+            "kept": kept}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--episodes", type=int, default=200)
+    ap.add_argument("--encoder", default="resnet18")
+    ap.add_argument("--layers", default=None, help="comma list; default layer2,layer3 (ResNet) / 5..10 (ViT)")
+    ap.add_argument("--size", type=int, default=256, help="crop/window size (synthetic protocol: 256)")
+    ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--shot", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-bytes", type=float, default=4e9)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default; 1 is faster on a busy CPU)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.layers:
+        layers = tuple(int(v) if v.lstrip("-").isdigit() else v for v in args.layers.split(","))
+    else:
+        layers = ("layer2", "layer3") if args.encoder.startswith("resnet") else (5, 6, 7, 8, 9, 10)
+
+    t0 = time.perf_counter()
+    eps, images, seeds, ds = build_workload(args.episodes, args.fold, args.shot, args.size)
+    n_sup = sum(len(e.supports) for e in eps)
+    print(f"workload: {len(eps)} FSS episodes of synthetic fold {args.fold}, {args.shot}-shot, manifest seeds "
+          f"{seeds[0]}..{seeds[-1]} ({len(images)} distinct images, {n_sup} supports); encoder {args.encoder} "
+          f"(random init) layers {layers} at {args.size}px on {args.device}, torch threads "
+          f"{torch.get_num_threads()}; setup {time.perf_counter() - t0:.1f}s")
+
+    bb = build_backbone(args.encoder, weights="random", seed=0, device=args.device)
+    warm = episode_batches(eps[0], images, args.size)[0].to(args.device)
+    bb.forward_features(warm, layers)  # warm-up (allocator, kernels), not counted
+
+    a = run_pass(lambda x: bb.forward_features(x, layers), eps, images, args.size, args.device, keep=3)
+    cache = CachedBackbone(bb, max_bytes=int(args.max_bytes),
+                           disk_dir=tempfile.mkdtemp(prefix="fdsbench-featcache-"))
+    b = run_pass(lambda x: cache.forward_features(x, layers), eps, images, args.size, args.device, keep=3)
+    sb = cache.stats()
+    cache2 = CachedBackbone(bb, max_bytes=int(args.max_bytes), disk_dir=cache.disk_dir)
+    c = run_pass(lambda x: cache2.forward_features(x, layers), eps, images, args.size, args.device)
+    sc = cache2.stats()
+
+    worst = max((fa - fb).abs().max().item() for ka, kb in zip(a["kept"], b["kept"]) for fa, fb in zip(ka, kb))
+    print(f"check: max |A - B| over the first 3 episodes' features = {worst:.2e}")
+    rows = [("A no cache", a["calls"], a["images"], a["encoder"], a["wall"]),
+            ("B cache (memory)", sb["forward_calls"], sb["misses"], b["encoder"], b["wall"]),
+            ("C next run (disk)", sc["forward_calls"], sc["misses"], c["encoder"], c["wall"])]
+    print(f"{'pass':<19}{'backbone calls':>15}{'images encoded':>16}{'encoder s':>11}{'wall s':>9}")
+    for name, calls, imgs, enc_s, wall in rows:
+        print(f"{name:<19}{calls:>15}{imgs:>16}{enc_s:>11.2f}{wall:>9.2f}")
+    print(f"B: {sb['hits']} memory hits of {b['images']} requested images, {sb['bytes'] / 2**20:.0f} MiB held; "
+          f"C: {sc['disk_hits']} disk hits")
+    print(f"ratio A/B (no cache / cache, same run): backbone calls {a['calls'] / max(sb['forward_calls'], 1):.2f}x, "
+          f"images encoded {a['images'] / max(sb['misses'], 1):.2f}x, encoder time {a['encoder'] / b['encoder']:.2f}x, "
+          f"wall {a['wall'] / b['wall']:.2f}x")
+    print(f"ratio A/C (no cache / next run from disk): encoder time {a['encoder'] / c['encoder']:.2f}x, "
+          f"wall {a['wall'] / c['wall']:.2f}x")
+    shutil.rmtree(cache.disk_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
