@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from .errors import DataError, FdsError
-from .io import atomic_write_json, canonical_json, content_hash, read_gray, read_image, sha256_file
+from .io import atomic_write_text, canonical_json, content_hash, read_gray, read_image, sha256_file
 from .types import NormalPool, TrainSource
 
 INDEX_VERSION = 2
@@ -292,8 +292,6 @@ class DatasetAdapter:
         if not records:
             raise DataError(f"no images found under {self.root}; dataset '{self.name}' expects: {self.layout}")
         try:  # compact JSON: the cache of a VISION-V1-sized tree loads in well under a second
-            from .io import atomic_write_text
-
             atomic_write_text(path, json.dumps({"signature": sig, "created": time.time(),
                                                 "problems": [asdict(p) for p in self._problems],
                                                 "records": [asdict(r) for r in records]},
