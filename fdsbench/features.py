@@ -9,8 +9,9 @@ through :class:`CachedBackbone` instead of caching themselves::
     feats = enc.forward_features(x, layers=(5, 6, 7, 8, 9, 10))
 
 Key of one image (one sample of the batch) = sha256 over: the encoder name, its weights id (file
-sha256, or a fingerprint of the random-init state), the requested layers and options, the sample's
-shape and dtype, and its content — the input tensor bytes (so the crop/window and the
+sha256, or a fingerprint of the random-init state), the requested layers and options, the
+parameter dtype, device type and autocast dtype (they change the numbers), the sample's shape and
+dtype, and its content — the input tensor bytes (so the crop/window and the
 preprocessing are part of it), or, if the caller passes ``keys=``, the caller's key (e.g. image
 file sha256 + crop box) plus ``crop``. Memory is an LRU bounded in bytes; ``disk_dir`` adds a
 persistent layer (one file per key, written atomically) shared by runs of the same manifest.
@@ -66,11 +67,16 @@ class CachedBackbone:
         return getattr(self.backbone, item)
 
     # ---- keys ----------------------------------------------------------------------------------------
-    def _prefix(self, layers, options: dict) -> bytes:
+    def _prefix(self, x: torch.Tensor, layers, options: dict) -> bytes:
         bb = self.backbone
+        p = next(bb.parameters(), None)
+        dev = x.device.type
+        # numerics: parameter dtype, device type and autocast state change the features slightly
+        autocast = str(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
         return canonical_json({"encoder": bb.name, "weights": bb.weights_id,
                                "layers": [str(v) for v in bb.normalize_layers(layers)],
-                               "options": options}).encode()
+                               "options": options, "param_dtype": str(p.dtype) if p is not None else None,
+                               "device": dev, "autocast": autocast}).encode()
 
     @staticmethod
     def tensor_digest(t: torch.Tensor) -> str:
@@ -85,7 +91,7 @@ class CachedBackbone:
 
     def keys_for(self, x: torch.Tensor, layers, keys: Sequence[str] | None = None, crop: Any = None,
                  **options) -> list[str]:
-        prefix = self._prefix(layers, options)
+        prefix = self._prefix(x, layers, options)
         out = []
         for i in range(x.shape[0]):
             if keys is not None:

@@ -60,6 +60,8 @@ def test_key_separates_layers_options_crops_and_weights(bb):
     assert other.keys_for(x, ("layer2",))[0] != k  # two random inits never share features
     same = CachedBackbone(build_backbone("resnet18", weights="random", seed=0))
     assert same.keys_for(x, ("layer2",))[0] == k
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # precision is part of the key
+        assert enc.keys_for(x, ("layer2",))[0] != k
     # caller-supplied keys (image sha + crop) replace tensor hashing
     a = enc.keys_for(x, ("layer2",), keys=["img-sha"], crop=(0, 0, 8, 8))[0]
     assert a != enc.keys_for(x, ("layer2",), keys=["img-sha"], crop=(0, 8, 8, 16))[0]
