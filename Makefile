@@ -57,7 +57,7 @@ episodes: setup
 	    --seed $(SEED) --workdir $(WORKDIR) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(PROTOCOL),--protocol $(PROTOCOL))
 
 bench-metrics: setup
-	$(PY) benchmarks/bench_metrics.py $(ARGS)
+	$(PY) benchmarks/bench_metrics.py $(if $(PIXELS),--pixels $(PIXELS)) $(ARGS)
 
 test: setup
 	$(VENV)/bin/pytest -q $(ARGS)

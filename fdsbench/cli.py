@@ -40,7 +40,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _spec(args):
-    from .runner import BenchSpec
+    from .runner import BenchSpec, init_distributed
 
     def blank(v):
         return v if v not in ("", None) else None
@@ -48,7 +48,8 @@ def _spec(args):
     return BenchSpec(method=args.method, dataset=args.dataset, data_root=blank(args.data_root), fold=args.fold,
                      shot=args.shot, seed=args.seed, runs=args.runs, train_seed=args.train_seed,
                      protocol=blank(args.protocol), protocol_options=parse_overrides(args.protocol_opt),
-                     preset=blank(args.preset), overrides=parse_overrides(args.overrides), device=args.device,
+                     preset=blank(args.preset), overrides=parse_overrides(args.overrides),
+                     device=init_distributed(args.device),
                      threshold=args.threshold, workdir=args.workdir, plugins=args.plugin, force=args.force,
                      max_episodes=args.max_episodes, progress=not args.no_progress,
                      checkpoint_every_s=args.checkpoint_every)
@@ -58,7 +59,11 @@ def cmd_bench(args) -> int:
     from .leaderboard import format_run_table
     from .runner import run
 
+    from .runner import world
+
     records = run(_spec(args))
+    if world()[0] != 0:
+        return 0
     print(format_run_table(records))
     for r in records:
         print(f"run record: {Path(args.workdir) / 'runs' / (r['run_id'] + '.json')}")

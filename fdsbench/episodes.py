@@ -13,7 +13,12 @@ Protocols (``protocol["name"]``):
   supports (train split if the dataset has one) and every other image of the object as a query;
   ground truth = union of all defects.
 * ``per_support`` — fit-per-support methods (nbr-cap.md §5): per test class and seed, ``shot``
-  support images and all other images of the class as queries.
+  support images and all other images of the class as queries; ``scope: object`` draws the supports
+  per product (class ``"<object>/*"``, defective test images and test-split normals as queries).
+
+Datasets whose records carry the split ``support``/``query`` (the ``folder`` adapter: the user fixed
+them) take supports only from ``support/`` and queries only from ``query/``. ``resize: [h, w]``
+(e.g. GFDS's 256x256) makes the harness decode images and masks at that size.
 """
 from __future__ import annotations
 
@@ -33,9 +38,9 @@ from .types import Episode, SupportRef
 MANIFEST_VERSION = 1
 
 PROTOCOLS: dict[str, dict[str, Any]] = {
-    "fss": {"crops": True, "crop_size": 518, "crops_per_shot": None, "area_resize_ratio": 0.01},
-    "fad": {},
-    "per_support": {},
+    "fss": {"crops": True, "crop_size": 518, "crops_per_shot": None, "area_resize_ratio": 0.01, "resize": None},
+    "fad": {"resize": None},
+    "per_support": {"scope": "class", "resize": None},
 }
 
 
@@ -47,6 +52,11 @@ def resolve_protocol(name: str, shot: int, overrides: dict | None = None, datase
         if key not in proto:
             raise FdsError(f"protocol '{name}' has no option '{key}'; options: {', '.join(sorted(proto)) or 'none'}")
         proto[key] = value
+    if proto.get("resize") is not None:  # [h, w]: images and masks decoded at this size (GFDS 256x256)
+        r = proto["resize"]
+        proto["resize"] = [int(r), int(r)] if isinstance(r, (int, float, str)) else [int(v) for v in r]
+    if name == "per_support" and proto["scope"] not in ("class", "object"):
+        raise FdsError(f"per_support scope must be 'class' or 'object', got '{proto['scope']}'")
     if name == "fss" and proto["crops_per_shot"] is None:
         proto["crops_per_shot"] = 4 if shot == 1 else 1  # SOFS: 1-shot = 4 crops, 5-shot = 1 crop each
     return proto
@@ -90,9 +100,38 @@ def generate(ds: DatasetAdapter, fold: int, shot: int, seed: int, proto: dict, p
         classes = ds.test_classes(fold)
         if not classes:
             raise FdsError(f"fold {fold} of dataset '{ds.name}' has no defect classes under {ds.root}")
+        if name == "per_support" and proto.get("scope") == "object":
+            classes = []  # NBR+CaP per category (nbr-cap.md §5.1)
+            for obj in test_objects:
+                recs = [r for r in ds.index.records.values() if r.object == obj]
+                has_split = any(r.split == "train" for r in recs)
+                defective = sorted(r.id for r in recs if r.masks and (r.split != "train" if has_split else True))
+                if len(defective) <= shot:
+                    skipped.append(f"{obj}: {len(defective)} defective images, needs more than shot={shot}")
+                    continue
+                sup = _draw(defective, shot, _rng(seed, name, obj))
+                normals = sorted(r.id for r in recs if r.normal and r.split == "test")
+                queries = tuple(i for i in defective if i not in set(sup)) + tuple(normals)
+                episodes.append(Episode(len(episodes), f"{obj}/*", tuple(SupportRef(s) for s in sup), queries))
         for cls in classes:
             ids = ds.index.images_of[cls]
             cname = cls.split("/", 1)[1]
+            fixed = [i for i in ids if ds.record(i).split == "support"]
+            if fixed:  # the user fixed supports and queries (folder adapter)
+                obj = cls.split("/", 1)[0]
+                queries = sorted(r.id for r in ds.index.records.values() if r.object == obj and r.split == "query")
+                if not queries:
+                    skipped.append(f"{cls}: no query image")
+                    continue
+                rng = _rng(seed, name, cls)
+                if name == "fss":
+                    for q in queries:
+                        refs = tuple(_support_ref(ds, s, cname, proto, rng) for s in _draw(fixed, shot, rng))
+                        episodes.append(Episode(len(episodes), cls, refs, (q,)))
+                else:
+                    sup = _draw(fixed, shot, rng)
+                    episodes.append(Episode(len(episodes), cls, tuple(SupportRef(s) for s in sup), tuple(queries)))
+                continue
             if len(ids) < 2:
                 skipped.append(f"{cls}: only {len(ids)} image(s), a query needs a different support image")
                 continue

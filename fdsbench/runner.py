@@ -15,6 +15,7 @@ One run = one (method config, dataset, fold, shot, seed, protocol). The runner
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import pickle
@@ -97,6 +98,41 @@ def check_device(device: str) -> str:
     return device
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> str:
+    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment):
+    NCCL on CUDA with one GPU per local rank, Gloo on CPU. Returns this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    import torch
+    import torch.distributed as dist
+
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(device))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def validate_prediction(pred, query: Query, method: str) -> np.ndarray:
     """The contract's output check: float map at the query's original size, finite, in [0, 1]."""
     try:
@@ -125,27 +161,35 @@ def validate_prediction(pred, query: Query, method: str) -> np.ndarray:
 
 
 class EpisodeLoader:
-    """Decodes an episode's support set and queries from the dataset (ground truth = the episode's
-    class only; the union of all defects for FAD episodes)."""
+    """Decodes an episode's support set and queries from the dataset. Ground truth = the episode's
+    class only (the union of all defects for ``"<object>/*"`` episodes); a query without a mask of
+    its class (user folders: predict-only queries) has ground truth ``None``. With the protocol's
+    ``resize`` set, images and masks are decoded at that size."""
 
     def __init__(self, ds: DatasetAdapter, method_cls: type, manifest: Manifest):
         self.ds, self.method_cls, self.manifest = ds, method_cls, manifest
+        resize = (manifest.protocol or {}).get("resize")
+        self.size = tuple(resize) if resize else None
 
-    def gt(self, image_id: str, ep: Episode) -> np.ndarray:
+    def gt(self, image_id: str, ep: Episode) -> np.ndarray | None:
         rec = self.ds.record(image_id)
         cls = ep.defect_class
-        if cls == "*" or cls not in rec.masks:
-            if cls != "*":
-                raise FdsError(f"query {image_id} has no mask of class {cls}")
+        if cls == "*":
             if not rec.masks:
-                return np.zeros(self.ds.image_size(image_id), bool)
-        return self.ds.load_mask(image_id, cls)
+                return np.zeros(self.size or self.ds.image_size(image_id), bool)
+            return self.ds.load_mask(image_id, "*", size=self.size)
+        if cls not in rec.masks:
+            if rec.split == "query":
+                return None
+            raise FdsError(f"query {image_id} has no mask of class {cls}")
+        return self.ds.load_mask(image_id, cls, size=self.size)
 
     def support(self, ep: Episode) -> SupportSet:
         shots = []
+        fad = ep.defect_class == "*" and self.manifest.protocol.get("name") == "fad"
         for ref in ep.supports:
-            image = self.ds.load_image(ref.id)
-            mask = self.gt(ref.id, ep) if ep.defect_class != "*" else np.zeros(image.shape[:2], bool)
+            image = self.ds.load_image(ref.id, size=self.size)
+            mask = np.zeros(image.shape[:2], bool) if fad else self.gt(ref.id, ep)
             if mask.shape != image.shape[:2]:
                 raise FdsError(f"mask of {ref.id} is {mask.shape}, image is {image.shape[:2]}")
             shots.append(Shot(ref.id, image, mask, ref.crops))
@@ -158,7 +202,7 @@ class EpisodeLoader:
         return SupportSet(ep.class_key, shots, derive_seed(self.manifest.hash, ep.index), pool, ep.index)
 
     def query(self, image_id: str) -> Query:
-        return Query(image_id, self.ds.load_image(image_id))
+        return Query(image_id, self.ds.load_image(image_id, size=self.size))
 
 
 def _make_meters(spec: BenchSpec):
@@ -180,35 +224,40 @@ def run_id(spec: BenchSpec, method: Method, manifest: Manifest) -> str:
 
 
 def fit_or_load(spec: BenchSpec, method: Method, ds: DatasetAdapter, log: Callable[[str], None]) -> str | None:
-    """Meta-train ``method`` on the base folds, or load the checkpoint of an earlier identical fit."""
+    """Meta-train ``method`` on the base folds, or load the checkpoint of an earlier identical fit.
+    Under torch.distributed, rank 0 trains and the other ranks load its checkpoint."""
     if not method.requires.training:
         return None
     import torch
 
     key = content_hash([method.name, config_dict(method.config), ds.dataset_hash, spec.fold, spec.train_seed], 12)
     ckpt = Path(spec.workdir) / "checkpoints" / f"{method.name}_{ds.name}_fold{spec.fold}_train{spec.train_seed}_{key}.pt"
-    if ckpt.is_file():
-        method.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False))
-        log(f"loaded trained weights {ckpt}")
+    rank, _ = world()
+    if rank == 0 and not ckpt.is_file():
+        fit_dir = ckpt.with_suffix("")
+        fit_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(spec.train_seed)
+        log(f"training {method.name} on the base folds of {ds.name} fold {spec.fold} (checkpoints in {fit_dir})")
+        method.fit(ds.train_source(spec.fold, spec.train_seed), fit_dir)
+        buf = io.BytesIO()
+        torch.save(method.state_dict(), buf)
+        atomic_write_bytes(ckpt, buf.getvalue())
+        barrier()
         return str(ckpt)
-    fit_dir = ckpt.with_suffix("")
-    fit_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(spec.train_seed)
-    log(f"training {method.name} on the base folds of {ds.name} fold {spec.fold} (checkpoints in {fit_dir})")
-    method.fit(ds.train_source(spec.fold, spec.train_seed), fit_dir)
-    import io
-
-    buf = io.BytesIO()
-    torch.save(method.state_dict(), buf)
-    atomic_write_bytes(ckpt, buf.getvalue())
+    barrier()
+    method.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False))
+    log(f"loaded trained weights {ckpt}")
     return str(ckpt)
 
 
 def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Manifest, rid: str,
-             log: Callable[[str], None]) -> tuple[dict, dict, int]:
-    """Run every episode of the manifest; resumable through ``<rid>.partial.pkl``."""
+             log: Callable[[str], None]):
+    """Run this process's share of the manifest's episodes (all of them unless distributed: rank r
+    of w takes episodes with index % w == r); resumable through a partial-state file. Returns the
+    meters, the timing meter and the number of episodes evaluated over all ranks."""
+    rank, size = world()
     runs_dir = Path(spec.workdir) / "runs"
-    partial = runs_dir / f"{rid}.partial.pkl"
+    partial = runs_dir / (f"{rid}.partial.pkl" if size == 1 else f"{rid}.rank{rank}of{size}.partial.pkl")
     meters, timer = _make_meters(spec), _make_timer(spec)
     done: set[int] = set()
     if partial.is_file() and not spec.force:
@@ -229,9 +278,12 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
         atomic_write_bytes(partial, pickle.dumps({"done": sorted(done), "meters": meters.state_dict(),
                                                   "timing": timer.state_dict()}))
 
+    n_total = len(episodes)
+    episodes = [e for e in episodes if e.index % size == rank]
     todo = [e for e in episodes if e.index not in done]
     bar = _progress(total=sum(len(e.queries) for e in episodes), desc=f"{method.name} {ds.name} f{spec.fold}",
-                    enabled=spec.progress, initial=sum(len(e.queries) for e in episodes if e.index in done))
+                    enabled=spec.progress and rank == 0,
+                    initial=sum(len(e.queries) for e in episodes if e.index in done))
     for ep in todo:
         support = loader.support(ep)
         seed_everything(support.seed)
@@ -242,7 +294,11 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
             with timer.predict():
                 pred = method.predict(state, query)
             pred = validate_prediction(pred, query, method.name)
-            meters.update(pred, loader.gt(qid, ep), class_key=ep.class_key, episode=ep.index, query_id=qid)
+            gt = loader.gt(qid, ep)
+            if gt is None:  # predict-only query: keep the map, score nothing
+                save_prediction(Path(spec.workdir) / "predictions" / rid, qid, pred)
+            else:
+                meters.update(pred, gt, class_key=ep.class_key, episode=ep.index, query_id=qid)
             bar.update(1)
         done.add(ep.index)
         if time.monotonic() - last_save > spec.checkpoint_every_s:
@@ -251,7 +307,39 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
     bar.close()
     if todo:
         save()
-    return meters.compute(), timer.compute(), len(episodes)
+    if size > 1:
+        meters, timer = _gather(spec, meters, timer, partial)
+    return meters, timer, n_total
+
+
+def save_prediction(folder: Path, query_id: str, pred: np.ndarray) -> Path:
+    """The probability map of a query without ground truth, as an 8-bit PNG (p·255)."""
+    from PIL import Image
+
+    path = folder / (query_id.replace("/", "__") + ".png")
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(pred, 0, 1) * 255 + 0.5).astype(np.uint8)).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _gather(spec: BenchSpec, meters, timer, partial: Path):
+    """Merge every rank's meter state on rank 0 (the states merge exactly: same numbers as one process)."""
+    import torch.distributed as dist
+
+    rank, size = world()
+    states = [None] * size
+    dist.all_gather_object(states, {"meters": meters.state_dict(), "timing": timer.state_dict()})
+    if rank == 0:
+        for r, st in enumerate(states):
+            if r == 0:
+                continue
+            m, t = _make_meters(spec), _make_timer(spec)
+            m.load_state_dict(st["meters"])
+            t.load_state_dict(st["timing"])
+            meters.merge(m)
+            timer.merge(t)
+    return meters, timer
 
 
 def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]:
@@ -271,7 +359,7 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
     proto_name = spec.protocol or getattr(method_cls, "default_protocol", "fss")
     if proto_name == "fad" and not method_cls.requires.fad:
         raise FdsError(f"method '{method.name}' does not support few-shot anomaly detection (protocol fad)")
-    proto = resolve_protocol(proto_name, spec.shot, spec.protocol_options, ds.protocol_defaults)
+    proto = resolve_protocol(proto_name, spec.shot, spec.protocol_options, ds.protocol_defaults_for(spec.fold))
     ckpt = fit_or_load(spec, method, ds, log)
     records = []
     for i in range(spec.runs):
@@ -285,7 +373,14 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
             continue
         seed_everything(derive_seed(manifest.hash, "run"))
         started = time.time()
-        metrics, timing, n_eval = evaluate(spec, method, ds, manifest, rid, log)
+        meters, timer, n_eval = evaluate(spec, method, ds, manifest, rid, log)
+        rank, size = world()
+        if rank != 0:
+            barrier()  # rank 0 writes the record
+            records.append(json.loads(path.read_text()))
+            path.with_name(f"{rid}.rank{rank}of{size}.partial.pkl").unlink(missing_ok=True)
+            continue
+        metrics, timing = meters.compute(), timer.compute()
         record = {
             "run_id": rid, "created": started, "wall_s": time.time() - started,
             **method.describe(), "preset": spec.preset or method_cls.default_preset,
@@ -294,12 +389,12 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
             "fold": spec.fold, "shot": spec.shot, "seed": seed, "train_seed": spec.train_seed if ckpt else None,
             "protocol": proto, "manifest": str(manifest.path), "manifest_hash": manifest.hash,
             "episodes": n_eval, "episodes_total": len(manifest.episodes), "checkpoint": ckpt,
-            "device": spec.device, "precision": spec.precision,
+            "device": spec.device, "precision": spec.precision, "world_size": size,
             "environment": environment(spec.device), "metrics": metrics, "timing": {k: v for k, v in timing.items() if k != "environment"},
         }
         atomic_write_json(path, record)
-        partial = path.with_suffix(".partial.pkl")
-        if partial.exists():
-            partial.unlink()
+        path.with_name(f"{rid}.partial.pkl" if size == 1 else f"{rid}.rank0of{size}.partial.pkl").unlink(
+            missing_ok=True)
+        barrier()
         records.append(json.loads(path.read_text()))  # exactly what a later reader sees
     return records

@@ -146,3 +146,16 @@ def test_killed_cli_run_resumes(synthetic, tmp_path):
     rec_a = json.loads(next((tmp_path / "a" / "runs").glob("*.json")).read_text())
     rec_b = json.loads(next((tmp_path / "b" / "runs").glob("*.json")).read_text())
     assert rec_a["metrics"] == rec_b["metrics"]
+
+
+def test_folder_dataset_with_predict_only_queries(tmp_path):
+    """User folders: supports only from support/, a query with a mask is scored, the others are
+    predicted and saved as PNG."""
+    from fdsbench.datasets._testing import make_folder
+
+    root = make_folder(tmp_path / "data", h=40, w=48)
+    rec = run(BenchSpec(method="flaky_mean", dataset="folder", data_root=str(root), workdir=str(tmp_path / "w"),
+                        progress=False))[0]
+    assert rec["episodes"] == 3 and rec["metrics"]["n_queries"] == 1
+    saved = sorted(p.name for p in (tmp_path / "w" / "predictions" / rec["run_id"]).glob("*.png"))
+    assert len(saved) == 2

@@ -1,0 +1,38 @@
+"""A run sharded over processes with torch.distributed gives the numbers of a single-process run."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_run_matches_single_process(synthetic, tmp_path):
+    args = ["-m", "fdsbench.cli", "bench", "--method", "proto", "--preset", "test", "--fold", "1",
+            "--max-episodes", "9", "--no-progress"]
+    single = subprocess.run([sys.executable, *args, "--workdir", str(tmp_path / "one")], capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, *args, "--workdir", str(tmp_path / "two")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert "mIoU" in outs[0][0] and outs[1][0] == ""  # only rank 0 prints the table
+    one = json.loads(next((tmp_path / "one" / "runs").glob("*.json")).read_text())
+    two = json.loads(next((tmp_path / "two" / "runs").glob("*.json")).read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["metrics"] == one["metrics"]
+    seen = lambda r: r["timing"]["predict"]["n"] + r["timing"]["warmup_discarded"]["predict"]  # noqa: E731
+    assert seen(two) == seen(one)  # every query timed once; each rank discards its own warm-up call
+    assert not list((tmp_path / "two" / "runs").glob("*.partial.pkl"))
