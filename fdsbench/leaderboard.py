@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import FdsError
 from .io import atomic_write_text
+from .stats import bootstrap_ci, mean_std, paired_comparison
 
 RANDOM_MARK = "†"
 METRIC_NAMES = {"miou": "mIoU", "fbiou": "FB-IoU", "episode_miou": "episode mIoU", "per_image_iou": "per-image IoU",
@@ -39,11 +41,10 @@ def label(record: dict) -> str:
 
 
 def _fmt(values: list[float]) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
+    ms = mean_std(values)
+    if ms["mean"] is None:
         return "–"
-    arr = 100 * np.asarray(vals, dtype=float)
-    return f"{arr.mean():.1f}" + (f" ± {arr.std(ddof=1):.1f}" if len(arr) > 1 else "")
+    return f"{100 * ms['mean']:.1f}" + (f" ± {100 * ms['std']:.1f}" if ms["std"] is not None else "")
 
 
 def format_run_table(records: list[dict]) -> str:
@@ -116,6 +117,47 @@ def fold_table(records: list[dict], metric: str = "miou") -> str:
     return _markdown(cols, rows)
 
 
+def statistics_section(records: list[dict], metric: str = "iou") -> str:
+    """Per (fold, shot): mIoU with a bootstrap CI over classes for each method config, and paired
+    comparisons (per-class IoU differences, CI, sign-flip p) of configs run on the same manifests."""
+    groups = defaultdict(lambda: defaultdict(dict))  # (fold, shot) -> label -> manifest hash -> per_class
+    for r in records:
+        groups[(r["fold"], r["shot"])][label(r)][r["manifest_hash"]] = r["metrics"].get("per_class") or {}
+    lines = []
+    for (fold, shot), by_label in sorted(groups.items()):
+        rows = []
+        for lab, runs in sorted(by_label.items()):
+            ci = bootstrap_ci(list(runs.values()), metric, n_boot=2000)
+            if ci["mean"] is not None:
+                rows.append([lab, f"{100 * ci['mean']:.1f}", f"[{100 * ci['ci_low']:.1f}, {100 * ci['ci_high']:.1f}]",
+                             str(ci["n_classes"])])
+        pairs = []
+        labels = sorted(by_label)
+        for i, a in enumerate(labels):
+            for b in labels[i + 1:]:
+                shared = sorted(set(by_label[a]) & set(by_label[b]))
+                if not shared:
+                    continue
+                try:
+                    cmp = paired_comparison([by_label[a][h] for h in shared], [by_label[b][h] for h in shared],
+                                            metric, n_boot=2000)
+                except FdsError:  # classes differ (e.g. a run with --max-episodes): not comparable
+                    continue
+                if cmp.get("mean_diff") is None:
+                    continue
+                pairs.append([f"{a} − {b}", str(len(shared)), f"{100 * cmp['mean_diff']:+.1f}",
+                              f"[{100 * cmp['ci_low']:+.1f}, {100 * cmp['ci_high']:+.1f}]",
+                              f"{cmp['wins']}/{cmp['losses']}/{cmp['ties']}", f"{cmp['p_value']:.3g}"])
+        if rows:
+            lines.append(f"### Fold {fold}, {shot}-shot: mIoU with 95 % bootstrap CI over classes\n\n"
+                         + _markdown(["method", "mIoU", "95 % CI", "classes"], rows) + "\n")
+        if pairs:
+            lines.append(f"### Fold {fold}, {shot}-shot: paired comparison on the same manifests\n\n"
+                         + _markdown(["A − B", "runs", "Δ mIoU", "95 % CI", "wins/losses/ties", "sign-flip p"],
+                                     pairs) + "\n")
+    return ("## Statistics\n\n" + "\n".join(lines)) if lines else ""
+
+
 def write_leaderboards(runs_dir: Path, out: Path, metric: str = "miou") -> list[Path]:
     """One markdown file (tables for the main metrics) and one plot per (dataset, protocol)."""
     records = load_records(runs_dir)
@@ -134,6 +176,9 @@ def write_leaderboards(runs_dir: Path, out: Path, metric: str = "miou") -> list[
                 continue
             parts.append(f"## {METRIC_NAMES.get(m, m)}\n\n{fold_table(recs, m)}\n")
         parts.append(f"## Timing\n\n{format_timing_table(recs)}\n")
+        stats = statistics_section(recs)
+        if stats:
+            parts.append(stats)
         path = Path(out) / f"{dataset}_{proto}.md"
         atomic_write_text(path, "\n".join(parts))
         written.append(path)

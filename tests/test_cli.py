@@ -42,3 +42,17 @@ def test_methods_and_episodes_commands(tmp_path, capsys, synthetic):
     path = capsys.readouterr().out.split()[0]
     assert main(["episodes", "show", path]) == 0
     assert "episodes" in capsys.readouterr().out
+
+
+def test_fps_writes_a_provenance_named_record(tmp_path, capsys, synthetic):
+    assert main(["fps", "--method", "proto", "--preset", "test", "--episodes", "3", "--warmup", "1",
+                 "--workdir", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    files = list((tmp_path / "fps").glob("*.json"))
+    assert len(files) == 1 and files[0].name.startswith("proto_") and "fp32" in files[0].name
+    assert "FPS" in out and "p50 ms" in out
+    import json
+
+    rec = json.loads(files[0].read_text())
+    assert rec["episodes"] == 3 and rec["timing"]["predict"]["n"] == 2  # 3 queries, 1 warm-up discarded
+    assert rec["environment"]["torch"]
