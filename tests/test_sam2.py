@@ -64,7 +64,7 @@ def pair():
     """(our method, official SAM2VideoPredictor) with identical random weights; object scores
     forced positive (spec test 2) so outputs are not all −1024."""
     torch.manual_seed(0)
-    ours = Sam2VideoTrack.from_preset("test")
+    ours = Sam2VideoTrack.from_preset("test", {"image_size": S})
     ours.model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.data.fill_(10.0)
     off = O.build_predictor("t", S)
     off.load_state_dict(ours.model.state_dict(), strict=True)
@@ -115,6 +115,10 @@ def runs(pair, frames):
         snap = {k: v.clone() for k, v in st.bank["cond_frame_outputs"][0].items() if isinstance(v, torch.Tensor)}
         out["ours"] = [_ours(ours, st, px) for px in (px_a[1], px_b[1], px_a[1])]
         out["prob_a"] = ours.predict(st, Query("qA", px_a[1]))
+        # paper-comparable timing mode: the query's memory-encoder pass runs but changes nothing
+        tq = Sam2VideoTrack.from_preset("test", {"image_size": S, "time_query_memory": True})
+        tq._model, tq._token, tq._provenance = ours.model, ours._token, ours._provenance
+        out["ours_tq"] = _ours(tq, st, px_a[1])
     out["state"], out["snap"] = st, snap
     return out
 
@@ -134,6 +138,7 @@ def test_cached_path_equals_official_predictor(runs):
     assert (got_a - ref_a).abs().max().item() <= 1e-5
     assert (got_b - ref_b).abs().max().item() <= 1e-5
     assert (got_a2 - ref_a).abs().max().item() <= 1e-5
+    assert torch.equal(runs["ours_tq"], got_a)
     state = runs["state"]
     for k, v in runs["snap"].items():
         assert torch.equal(state.bank["cond_frame_outputs"][0][k], v), f"predict mutated the memory ({k})"
@@ -185,7 +190,7 @@ def test_small_defect_memory_and_deviation_option(pair):
     sup = SupportSet("o/c", [Shot("a", img, m4), Shot("b", img, m12)], seed=0)
     st = ours.prepare(sup)
     assert st.mem_pixels[0] == 0 and st.mem_pixels[1] > 0
-    dev = Sam2VideoTrack.from_preset("test", {"mem_mask_from_input": True})
+    dev = Sam2VideoTrack.from_preset("test", {"image_size": S, "mem_mask_from_input": True})
     dev._model, dev._token, dev._provenance = ours.model, ours._token, ours._provenance  # same weights
     st2 = dev.prepare(SupportSet("o/c", [Shot("a", img, m4)], seed=0))
     assert st2.mem_pixels == (16,)
@@ -207,7 +212,7 @@ def test_wrong_size_frame_and_bad_inputs_are_clear_errors(pair):
     with pytest.raises(DataError, match="s9"):
         ours.prepare(SupportSet("o/c", [Shot("s9", img, np.zeros((32, 64), bool))], seed=0))
     # a memory prepared by another model instance / resolution is refused, not silently reused
-    other = Sam2VideoTrack.from_preset("test")
+    other = Sam2VideoTrack.from_preset("test", {"image_size": S})
     other._model, other._token = ours.model, object()
     st = ours.prepare(SupportSet("o/c", [Shot("s", img, np.ones((64, 64), bool))], seed=0))
     with pytest.raises(FdsError, match="prepare"):
