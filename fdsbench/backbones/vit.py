@@ -68,6 +68,7 @@ class Mlp(nn.Module):
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init_values: float):
         super().__init__()
+        self.init_values = float(init_values)
         self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
 
     def forward(self, x):
@@ -121,16 +122,29 @@ class VisionTransformer(BackboneMixin, nn.Module):
             self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.strides = {i: patch_size for i in range(depth)}
         self.channels = {i: embed_dim for i in range(depth)}
-        self.reset_parameters()
+        if self.pos_embed.device.type != "meta":
+            self.reset_parameters()
 
     def reset_parameters(self):
-        """Random init as the official code (trunc-normal 0.02 for linears and pos_embed)."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        """Random init as the official code: pos_embed trunc-normal(0.02), cls_token normal(1e-6),
+        mask_token 0, Linear weights trunc-normal(0.02) with zero bias, LayerNorm 1/0, LayerScale
+        ``init_values``, patch conv PyTorch default. (The official truncation bounds are the
+        absolute values +-2, i.e. +-100 std: a plain normal draw clamped there is the same law and
+        is twice as fast on CPU.)"""
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            nn.init.normal_(self.cls_token, std=1e-6)
+            if hasattr(self, "mask_token"):
+                self.mask_token.zero_()
+            self.patch_embed.proj.reset_parameters()
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0.0, 0.02).clamp_(-2.0, 2.0)
+                    m.bias.zero_()
+                elif isinstance(m, nn.LayerNorm):
+                    m.reset_parameters()
+                elif isinstance(m, LayerScale):
+                    m.gamma.fill_(m.init_values)
 
     # ---- positional embedding ------------------------------------------------------------------
     def interpolate_pos_encoding(self, n_tokens: int, height: int, width: int, dtype) -> torch.Tensor:
@@ -223,6 +237,10 @@ VIT_CONFIGS = {
 
 
 def build_vit(name: str) -> VisionTransformer:
-    m = VisionTransformer(**VIT_CONFIGS[name])
+    """Random-init model: built on the meta device and initialised once (no default init first)."""
+    with torch.device("meta"):
+        m = VisionTransformer(**VIT_CONFIGS[name])
+    m = m.to_empty(device="cpu")
+    m.reset_parameters()
     m.name = name
     return m
