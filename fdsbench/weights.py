@@ -198,12 +198,14 @@ _WRAPPERS = ("state_dict", "model", "model_state_dict", "teacher", "module", "ne
 _PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.")
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def read_checkpoint(path: str | os.PathLike, strip_prefixes: bool = True) -> dict:
     """Load a checkpoint file as a flat ``{name: tensor}`` dict (CPU, ``weights_only=True``).
 
-    Unwraps the usual containers (``state_dict``, ``model``, ``teacher`` …) and strips a prefix
-    shared by all keys (``module.`` from DataParallel, ``_orig_mod.`` from torch.compile,
-    ``backbone.`` from DINO training checkpoints, whose ``head.*`` keys are then dropped)."""
+    Unwraps the usual containers (``state_dict``, ``model``, ``teacher`` …) and, with
+    ``strip_prefixes``, strips a prefix shared by all keys (``module.`` from DataParallel,
+    ``_orig_mod.`` from torch.compile, ``backbone.`` from DINO training checkpoints, whose
+    ``head.*`` keys are then dropped). :func:`load_into` strips only what makes the keys fit the
+    target module."""
     import torch
 
     try:
@@ -213,7 +215,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     except Exception as e:  # noqa: BLE001 - corrupt file, pickled objects, not a torch file
         raise WeightsError(f"cannot read weights file {path} as a tensor checkpoint "
                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-download it") from None
-    return unwrap_state_dict(obj, source=str(path))
+    sd = unwrap_state_dict(obj, source=str(path))
+    return _strip_all(sd) if strip_prefixes else sd
 
 
 def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict:
@@ -232,16 +235,40 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict:
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise WeightsError(f"{source}: no tensors found (keys: {', '.join(list(obj)[:8])})")
-    changed = True
-    while changed:
-        changed = False
-        for pre in _PREFIXES:
-            keep = [k for k in sd if k.startswith(pre)]
-            if keep and (len(keep) == len(sd) or (pre == "backbone." and all(
-                    k.startswith(("backbone.", "head.")) for k in sd))):
-                sd = {k[len(pre):]: sd[k] for k in keep}
-                changed = True
     return sd
+
+
+def _strip_once(sd: dict) -> list[dict]:
+    """Every dict obtained by stripping one known prefix shared by all keys."""
+    out = []
+    for pre in _PREFIXES:
+        keep = [k for k in sd if k.startswith(pre)]
+        if keep and (len(keep) == len(sd) or (pre == "backbone." and all(
+                k.startswith(("backbone.", "head.")) for k in sd))):
+            out.append({k[len(pre):]: sd[k] for k in keep})
+    return out
+
+
+def _strip_all(sd: dict) -> dict:
+    nxt = _strip_once(sd)
+    while nxt:
+        sd = nxt[0]
+        nxt = _strip_once(sd)
+    return sd
+
+
+def _fit_prefixes(sd: dict, own_keys: set) -> dict:
+    """The prefix-stripped variant of ``sd`` whose keys overlap ``own_keys`` most (``sd`` itself
+    first, so a module whose own names carry ``encoder.``/``backbone.`` keeps them)."""
+    best, best_score = sd, len(own_keys & set(sd))
+    frontier = [sd]
+    for _ in range(4):
+        frontier = [c for f in frontier for c in _strip_once(f)]
+        for c in frontier:
+            score = len(own_keys & set(c))
+            if score > best_score:
+                best, best_score = c, score
+    return best
 
 
 def load_into(module, state: Mapping | str | os.PathLike, *, strict: bool = True,
@@ -253,12 +280,12 @@ def load_into(module, state: Mapping | str | os.PathLike, *, strict: bool = True
     (missing, unexpected) key lists (empty when strict)."""
     if not isinstance(state, Mapping):
         source = source or str(state)
-        state = read_checkpoint(state)
+        state = read_checkpoint(state, strip_prefixes=False)
     source = source or "state dict"
-    sd = dict(state)
+    own = module.state_dict()
+    sd = _fit_prefixes(dict(state), set(own))
     if key_map is not None:
         sd = key_map(sd, module)
-    own = module.state_dict()
     bad_shape = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if bad_shape:

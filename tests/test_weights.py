@@ -180,3 +180,21 @@ def test_cli_list_verify_where(dirs, capsys):
     assert "model_large.pth" in out and "liutongkun/GFDS" in out
     assert _cli(["weights", "where", "dinov2_vitb14"]) == 0
     assert "found  " + str(wdir / "dinov2_vitb14_pretrain.pth") in capsys.readouterr().out
+
+
+def test_load_into_strips_only_prefixes_that_fit(tmp_path):
+    """'module.'/'backbone.' wrappers are removed when that makes the keys fit; a module whose own
+    names start with 'encoder.' keeps them."""
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Linear(2, 2)
+
+    m = Wrapped()
+    sd = {k: v + 1 for k, v in m.state_dict().items()}
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "ddp.pth")
+    W.load_into(m, tmp_path / "ddp.pth")  # strips module., keeps encoder.
+    assert torch.equal(m.encoder.bias, sd["encoder.bias"])
+    lin = torch.nn.Linear(2, 2)
+    W.load_into(lin, tmp_path / "ddp.pth")  # here both prefixes go
+    assert torch.equal(lin.bias, sd["encoder.bias"])
