@@ -84,11 +84,14 @@ def cmd_fps(args) -> int:
 
     for r in records:
         env = r["environment"]
-        name = (f"{r['method']}_{r['config_hash'][:8]}_{env.get('device_name', 'cpu')}_{r['precision']}_"
-                f"torch{env.get('torch', 'na')}.json").replace(" ", "-").replace("/", "-")
-        atomic_write_json(out / name, {k: r[k] for k in ("run_id", "method", "config", "config_hash", "weights",
-                                                         "device", "precision", "environment", "timing",
-                                                         "episodes", "dataset", "fold", "shot")})
+        runtime = r.get("runtime") or {}
+        pkg = next((f"_{k.removesuffix('_version')}-{v}" for k, v in runtime.items() if k.endswith("_version")), "")
+        name = (f"{r['method']}_{r['config_hash'][:8]}_{env.get('device_name') or 'cpu'}_{r['precision']}_"
+                f"torch{env.get('torch', 'na')}{pkg}.json").replace(" ", "-").replace("/", "-")
+        atomic_write_json(out / name, {k: r.get(k) for k in ("run_id", "method", "preset", "config", "config_hash",
+                                                             "weights", "runtime", "device", "precision",
+                                                             "environment", "timing", "episodes", "dataset",
+                                                             "fold", "shot")})
         print(f"fps record: {out / name}")
     print(format_timing_table(records))
     return 0

@@ -384,7 +384,7 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
         record = {
             "run_id": rid, "created": started, "wall_s": time.time() - started,
             **method.describe(), "preset": spec.preset or method_cls.default_preset,
-            "requires": dataclasses.asdict(method_cls.requires),
+            "requires": dataclasses.asdict(method.requires),
             "dataset": ds.name, "data_root": str(ds.root), "dataset_hash": ds.dataset_hash,
             "fold": spec.fold, "shot": spec.shot, "seed": seed, "train_seed": spec.train_seed if ckpt else None,
             "protocol": proto, "manifest": str(manifest.path), "manifest_hash": manifest.hash,
