@@ -84,19 +84,6 @@ class AlbuNet34(nn.Module):
         self.dec0 = ConvRelu(nf, nf)
         self.final = nn.Conv2d(nf, 1, 1)
 
-    def init_decoder(self, mode: str = "default") -> None:
-        """``default``: PyTorch's conv init (the reference AlbuNet's); ``kaiming``: He-normal
-        (fan_out, ReLU) weights and zero biases for the decoder's ReLU convs (◊, faster from scratch)."""
-        if mode == "default":
-            return
-        if mode != "kaiming":
-            raise FdsError(f"nbr_cap: unknown decoder_init '{mode}'; use default or kaiming")
-        for mod in self.decoder_modules()[:-1]:
-            for conv in mod.modules():
-                if isinstance(conv, nn.Conv2d):
-                    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-                    nn.init.zeros_(conv.bias)
-
     def decoder_modules(self) -> list[nn.Module]:
         return [self.center, self.dec5, self.dec4, self.dec3, self.dec2, self.dec1, self.dec0, self.final]
 
