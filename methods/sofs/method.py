@@ -1,0 +1,284 @@
+"""``sofs`` — Small Object Few-shot Segmentation (Zhang et al., NeurIPS 2024), sofs.md + protocol-sofs.md.
+
+prepare(): the support views of the protocol (manifest crops at native resolution: 1-shot = 4 crops
+of one image, 5-shot = 1 crop per image; a large-defect support without crops is resized whole and
+repeated s_in_shot times), encoded once (backbone features, prototypes, support self-attention).
+predict(): sliding windows at native resolution (fdsbench.tiling, §5.1), or the whole-image resize
+path when every support is large (§5.2) — also the FAD path (normal supports come without crops);
+returns the stitched probability map at the original size. With all support masks empty the output
+is the abnormal prior (FAD, §2.10). fit(): NR episodic training with MNDL + 0.01 CE (§4-5).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fdsbench import weights as W
+from fdsbench.backbones import build_backbone, merge_layer23
+from fdsbench.config import config_hash
+from fdsbench.errors import FdsError
+from fdsbench.losses import dice_ce_loss
+from fdsbench.method import Method
+from fdsbench.nr import EpisodeSampler, NRSettings
+from fdsbench.registry import register_method
+from fdsbench.tiling import image_to_tensor, mask_to_tensor, predict_sliding, predict_whole
+from fdsbench.training import TrainLoop, param_groups, trainable_state
+from fdsbench.types import Query, Requirements, SupportSet, TrainSource
+
+from .model import SOFS, _same_map
+
+ETA_YAML = 1e5  # TRAIN.SOFS.smooth_r of the yaml, used for folds train.sh does not list
+
+
+def feature_fn(backbone: str, layers, merge_dim: int):
+    """callable(bb, x) -> list of maps: ViT block outputs, or the merged ResNet map twice (§2.2)."""
+    if backbone.startswith(("dinov2", "dino_")):
+        layers = tuple(int(v) for v in layers)
+        return lambda bb, x: bb.forward_features(x, layers=layers)
+    if backbone.startswith("resnet"):
+        def resnet_feats(bb, x):
+            m = merge_layer23(bb.forward_features(x, layers=("layer2", "layer3")), out_dim=merge_dim)
+            return [m, m]
+        return resnet_feats
+    raise FdsError(f"sofs supports DINOv2/DINO ViTs and ResNets as backbone, not '{backbone}'")
+
+
+def feature_dims(bb, backbone: str, layers, merge_dim: int) -> list[int]:
+    """Channels of each map ``feature_fn`` returns (ViT: embed dim per block; ResNet: merge_dim x 2)."""
+    if backbone.startswith("resnet"):
+        return [merge_dim, merge_dim]
+    return [bb.channels[int(i) % bb.n_blocks] for i in layers]
+
+
+@register_method("sofs")
+class SOFSMethod(Method):
+    """SOFS: NR crops + PFIM + priors + shared SA + non-learnable fusion + meta prediction."""
+
+    requires = Requirements(training=True, fad=True, weights=("dinov2_vitb14",), gpu_recommended=True)
+
+    @dataclass
+    class Config:
+        # --- model (sofs.md §1-2); defaults = the paper's DINOv2 ViT-B/14 @ 518 ---
+        backbone: str = "dinov2_vitb14"
+        weights: str = "default"  # encoder: "default" (weights table), "random", or a file path
+        checkpoint: str = ""  # released SOFS_model.pth ("default" = weights table): fit() loads it instead of training
+        layers: tuple = (5, 6, 7, 8, 9, 10)  # prior_layer_pointer (ViT blocks, 0-based)
+        merge_dim: int = 1024  # ResNet: channels of the merged layer2+3 map
+        image_size: int = 518  # model input side
+        patch: int = 14  # l: feature stride = PFIM kernel (8 for ResNet)
+        reduce_dim: int = 256  # C
+        embed_dim: int = 256  # C1
+        num_stages: int = 2
+        heads: int = 4
+        tau: float = 0.1
+        # --- test procedure (protocol-sofs.md §5) ---
+        window: int = 0  # sliding-window side at native resolution; 0 = image_size
+        window_batch: int = 4  # windows per forward (ND_batch_size)
+        s_in_shot: int = 0  # copies of a whole-image support; 0 = as many as the other shots' crops, else 4 (1-shot) / 1
+        output: str = "heat"  # "heat": stitched probability; "binary": the official averaged binary map
+        # --- ablations (Tables 5-6) ---
+        nr: bool = True  # non-resizing procedure (train crops + test windows); False = plain resizing
+        mask_downsample: str = "pfim"  # pfim | bilinear | nearest
+        loss: str = "mndl"  # mndl | dice
+        fusion: str = "nonlearnable"  # nonlearnable | learnable (HDMNet-style cross-attention)
+        abnormal_prior: bool = True  # abnormal prior as a head input (FAD output exists regardless)
+        meta_cls: bool = True  # meta prediction; False = MLP classifier (cls_semantic)
+        # --- training (§4-5) ---
+        epochs: int = 50
+        batch_size: int = 4  # episodes per iteration
+        lr: float = 1e-5
+        lr_multiple: float = 2.0  # non-transformer params
+        weight_decay: float = 0.01
+        power: float = 0.9
+        eta: float = 0.0  # MNDL eta; 0 = per fold from eta_per_fold (train.sh)
+        eta_per_fold: tuple = (1.0, 1.0, 1e5)
+        beta: float = 1.0
+        dice_weight: float = 1.0
+        ce_weight: float = 0.01
+        alpha: float = 0.3  # probability of a normal query crop
+        area_resize_ratio: float = 0.0  # 0 = per fold from area_resize_ratio_per_fold (train.sh)
+        area_resize_ratio_per_fold: tuple = (0.01, 0.005, 0.01)
+        train_shot: int = 1
+        train_s_in_shot: int = 4
+        crop_size: int = 0  # training crop side; 0 = window
+        crop_ratio: tuple = (1.0, 1.0)
+        augment: bool = True
+        max_iters_per_epoch: int = 0  # 0 = the whole epoch
+        cache_images: int = 0  # decoded training images kept in memory (0 = none)
+
+    presets = {
+        "paper": {},
+        "paper_resnet50": {"backbone": "resnet50", "layers": (2, 3), "image_size": 512, "patch": 8,
+                           "reduce_dim": 64, "embed_dim": 64},
+        # CPU-sized: random-init ResNet-18 (merged layer2+3, 256 ch) at the synthetic crop size 256,
+        # C = C1 = 64, 6 short epochs at a 100x learning rate. Not the paper's numbers.
+        "cpu": {"backbone": "resnet18", "weights": "random", "layers": (2, 3), "merge_dim": 256,
+                "image_size": 256, "patch": 8, "reduce_dim": 64, "embed_dim": 64, "epochs": 6,
+                "lr": 1e-3, "cache_images": 512, "max_iters_per_epoch": 40},
+        "test": {"backbone": "resnet18", "weights": "random", "layers": (2, 3), "merge_dim": 32, "window": 160,
+                 "image_size": 64, "patch": 8, "reduce_dim": 16, "embed_dim": 16, "heads": 2,
+                 "num_stages": 1, "epochs": 1, "batch_size": 2, "max_iters_per_epoch": 2, "lr": 1e-3,
+                 "cache_images": 64},
+    }
+    default_preset = "cpu"
+
+    def __init__(self, config=None, device: str = "cpu"):
+        super().__init__(config, device)
+        c = self.config
+        for name, value, allowed in (("mask_downsample", c.mask_downsample, ("pfim", "bilinear", "nearest")),
+                                     ("loss", c.loss, ("mndl", "dice")),
+                                     ("fusion", c.fusion, ("nonlearnable", "learnable")),
+                                     ("output", c.output, ("heat", "binary"))):
+            if value not in allowed:
+                raise FdsError(f"sofs: {name}={value!r} is not one of {', '.join(allowed)}")
+        if c.image_size % c.patch:
+            raise FdsError(f"sofs: image_size {c.image_size} is not a multiple of patch {c.patch}")
+        weights = None if c.weights in ("", "default") else c.weights
+        bb = build_backbone(c.backbone, weights, seed=0)
+        feats = feature_fn(c.backbone, c.layers, c.merge_dim)
+        dims = feature_dims(bb, c.backbone, c.layers, c.merge_dim)
+        torch.manual_seed(0)  # head init independent of the caller's RNG state
+        self.model = SOFS(bb, feats, fea_dims=dims, patch=c.patch, reduce_dim=c.reduce_dim,
+                          embed_dim=c.embed_dim, num_stages=c.num_stages, heads=c.heads, tau=c.tau,
+                          mask_downsample=c.mask_downsample, abnormal_prior=c.abnormal_prior,
+                          meta_cls=c.meta_cls, fusion=c.fusion).to(device).eval()
+        self._checkpoint_prov: dict | None = None
+        self.history: list[dict] = []
+
+    # ---- weights -----------------------------------------------------------------------------
+    def weights_provenance(self) -> dict[str, str]:
+        out = {self.config.backbone: self.model.backbone.provenance["sha256"]}
+        if self._checkpoint_prov:
+            out["sofs"] = self._checkpoint_prov["sha256"]
+        return out
+
+    def load_checkpoint(self, path: str | None = None) -> None:
+        """Load the released SOFS checkpoint (all keys, backbone included, strictly)."""
+        p, prov = W.resolve("sofs", None if path in (None, "", "default") else path)
+        W.load_into(self.model, p, strict=True, source=str(p))
+        self.model.to(self.device).eval()
+        self._checkpoint_prov = prov
+
+    def state_dict(self) -> dict:
+        return trainable_state(self.model)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Head-only state (what fit saves) or a full official state dict (``backbone.*`` included)."""
+        own = self.model.state_dict()
+        if any(k.startswith("backbone.") for k in state):
+            W.load_into(self.model, state, strict=True, source="sofs state dict")
+        else:
+            head = {k for k in own if not k.startswith("backbone.")}
+            missing, unexpected = sorted(head - set(state)), sorted(set(state) - head)
+            if missing or unexpected:
+                raise FdsError(f"sofs state dict does not match this config: {len(missing)} missing "
+                               f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
+                               f"was it trained with another preset?")
+            W.load_into(self.model, state, strict=False, source="sofs state dict")  # checks shapes
+        self.model.to(self.device).eval()
+
+    # ---- training ----------------------------------------------------------------------------
+    def fold_value(self, value: float, per_fold: tuple, fold: int, fallback: float) -> float:
+        if value:
+            return float(value)
+        return float(per_fold[fold]) if 0 <= fold < len(per_fold) else float(fallback)
+
+    def fit(self, train: TrainSource, workdir: Path) -> None:
+        c = self.config
+        if c.checkpoint:
+            self.load_checkpoint(c.checkpoint)
+            return
+        eta = self.fold_value(c.eta, c.eta_per_fold, train.fold, ETA_YAML)
+        ratio = self.fold_value(c.area_resize_ratio, c.area_resize_ratio_per_fold, train.fold, 0.01)
+        settings = NRSettings(image_size=c.image_size, crop_size=c.crop_size or c.window or c.image_size,
+                              crop_ratio=tuple(c.crop_ratio), shot=c.train_shot,
+                              s_in_shot=c.train_s_in_shot if c.nr else 1, area_resize_ratio=ratio,
+                              alpha=c.alpha if c.nr else 0.0, augment=c.augment, nr=c.nr)
+        seed = train.seed  # the harness's train seed (SOFS train.sh: RNG_SEED 54)
+        sampler = EpisodeSampler(train, settings, seed=seed, cache_size=c.cache_images)
+        n_it = sampler.n_batches(c.batch_size)
+        if c.max_iters_per_epoch:
+            n_it = min(n_it, c.max_iters_per_epoch)
+        model = self.model
+        groups = param_groups(model, [("query_semantic_transformer", 1.0)], default_mult=c.lr_multiple)
+        loop = TrainLoop(model, groups, workdir, epochs=c.epochs, iters_per_epoch=n_it, base_lr=c.lr,
+                         weight_decay=c.weight_decay, power=c.power, seed=seed, log=_log,
+                         fingerprint=config_hash(c) + f"|{train.dataset}|{train.fold}|{train.seed}")
+        dev = self.device
+
+        def step_loss(batch):
+            z = model(batch["query"].to(dev), batch["supports"].to(dev), batch["support_masks"].to(dev))
+            x = model.feature_probability(z)
+            y = (model.down(batch["query_mask"].to(dev), tuple(x.shape[-2:])) > 0.1).float()[:, 0]
+            return dice_ce_loss(x, y, eta=eta, beta=c.beta, dice_weight=c.dice_weight, ce_weight=c.ce_weight,
+                                mixed=c.loss == "mndl")
+
+        self.history = loop.run(lambda epoch: itertools.islice(sampler.batches(epoch, c.batch_size), n_it), step_loss)
+        self.model.eval()
+
+    # ---- episodes ----------------------------------------------------------------------------
+    def support_views(self, support: SupportSet) -> tuple[list, bool]:
+        """(views, whole): the protocol's (image, mask) views and whether the query goes through
+        the whole-image path (every support without crops, or NR off)."""
+        c = self.config
+        if not c.nr:
+            return [(s.image, s.mask) for s in support.shots], True
+        crop_counts = [len(s.crops) for s in support.shots if s.crops is not None]
+        reps = c.s_in_shot or (crop_counts[0] if crop_counts else (4 if support.shot == 1 else 1))
+        views = []
+        for s in support.shots:
+            views += s.views() if s.crops is not None else [(s.image, s.mask)] * reps
+        return views, not crop_counts
+
+    @torch.no_grad()
+    def prepare(self, support: SupportSet):
+        c = self.config
+        views, whole = self.support_views(support)
+        uniq: dict[int, int] = {}
+        xs, ys, index = [], [], []
+        for img, mask in views:  # identical repeated whole-image supports are encoded once
+            key = id(img)
+            if key not in uniq:
+                uniq[key] = len(xs)
+                xs.append(image_to_tensor(img, c.image_size)[0])
+                ys.append(mask_to_tensor(mask, c.image_size))
+            index.append(uniq[key])
+        x = torch.stack(xs).to(self.device)
+        feats = _same_map(self.model.encode(x), lambda f: f[index])
+        y = torch.stack(ys)[index].to(self.device)
+        K = len(index)
+        self.model.eval()
+        sup = self.model.encode_support(x[index].view(1, K, *x.shape[1:]), y.view(1, K, *y.shape[1:]), feats=feats)
+        return {"support": sup, "whole": whole}
+
+    @torch.no_grad()
+    def predict(self, state, query: Query) -> np.ndarray:
+        c = self.config
+        sup = state["support"]
+        fn = lambda x: self.model.predict(x.to(self.device), sup)  # noqa: E731
+        if state["whole"]:
+            out = predict_whole(query.image, fn, c.image_size)
+        else:
+            out = predict_sliding(query.image, fn, c.image_size, window=c.window or c.image_size,
+                                  batch=c.window_batch)
+        m = out.heat if c.output == "heat" else out.binary
+        return np.clip(m, 0.0, 1.0).astype(np.float32)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if self.history:
+            d["training"] = self.history
+        return d
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    print(f"[sofs] {msg}", file=sys.stderr, flush=True)
+
+
+__all__ = ["SOFSMethod", "feature_fn"]
