@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .netguard import install_from_env
+
+    install_from_env()  # FDSBENCH_OFFLINE=1 (the Makefile sets it): any network attempt fails loudly
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
