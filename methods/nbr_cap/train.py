@@ -129,14 +129,14 @@ def fit(model: AlbuNet34, defect_images: torch.Tensor, defect_masks: torch.Tenso
         i_n = (to_input(torch.stack([normal_image(int(j)) for j in n_idx]), cfg.input_norm).to(device)
                if need_n else None)
         need_d = use_nbr or not use_cap or cfg.cap == "weighted"
-        groups, names = [], []
+        named = {}
         if need_d:
-            groups.append(i_d), names.append("d")
+            named["d"] = i_d
         if use_nbr:
-            groups.append(i_n), names.append("n")
+            named["n"] = i_n
         if use_cap:
-            groups.append(crop_and_paste(i_d, i_n, m_d)), names.append("cap")
-        feats = dict(zip(names, _encode_groups(model, groups, cfg.bn_joint)))
+            named["cap"] = crop_and_paste(i_d, i_n, m_d)
+        feats = dict(zip(named, _encode_groups(model, list(named.values()), cfg.bn_joint)))
 
         if use_nbr:
             l_nbr = nbr_loss(getattr(feats["d"], cfg.nbr_feature), getattr(feats["n"], cfg.nbr_feature), m_d,
