@@ -204,13 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .netguard import install_from_env
+    from .netguard import offline_from_env
 
-    install_from_env()  # FDSBENCH_OFFLINE=1 (the Makefile sets it): any network attempt fails loudly
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        with offline_from_env():  # FDSBENCH_OFFLINE=1 (the Makefile sets it): network attempts fail loudly
+            return args.func(args) or 0
     except FdsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -44,6 +44,11 @@ def build_config(cls: type, presets: dict[str, dict], preset: str | None, overri
             values[key] = tuple(value)
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)
+        elif isinstance(default, float) and isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string
+            try:
+                values[key] = float(value)
+            except ValueError:
+                raise FdsError(f"config key '{key}' of {cls.__qualname__} is a number; got {value!r}") from None
     return cls(**values)
 
 

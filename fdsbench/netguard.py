@@ -7,8 +7,9 @@ and enforces it in production runs:
   internet address and every DNS lookup (``getaddrinfo``, ``gethostbyname``) raise
   :class:`NetworkBlockedError` (an :class:`FdsError`). Unix-domain sockets (used by
   ``torch.multiprocessing`` and friends) stay allowed; loopback only with ``allow_loopback=True``.
-* ``install_from_env()`` — the CLI calls it at start-up; with ``FDSBENCH_OFFLINE=1`` the guard is
-  installed for the whole process.
+* ``offline_from_env()`` — the CLI runs every command inside it; with ``FDSBENCH_OFFLINE=1`` the
+  guard is active for the command (and removed after, so in-process callers such as tests get their
+  sockets back).
 * ``no_network`` — a pytest fixture (import it into a test module, or list this module in
   ``pytest_plugins`` of a conftest to make it available everywhere; it can be made autouse there).
   ``calls`` on the returned guard lists the blocked attempts.
@@ -154,18 +155,14 @@ def is_active() -> bool:
     return _DEPTH > 0
 
 
-_PROCESS_GUARD: Guard | None = None
+def offline_requested(env: str = "FDSBENCH_OFFLINE") -> bool:
+    """True when ``$FDSBENCH_OFFLINE`` is 1/true/yes/on."""
+    return os.environ.get(env, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def install_from_env(env: str = "FDSBENCH_OFFLINE") -> bool:
-    """Install the guard for the rest of the process when ``$FDSBENCH_OFFLINE`` is 1/true/yes."""
-    global _PROCESS_GUARD
-    if os.environ.get(env, "").strip().lower() not in ("1", "true", "yes", "on"):
-        return False
-    if _PROCESS_GUARD is None:
-        _PROCESS_GUARD = Guard(allow_loopback=False)
-        _install(_PROCESS_GUARD)
-    return True
+def offline_from_env(env: str = "FDSBENCH_OFFLINE"):
+    """``block_network()`` when ``$FDSBENCH_OFFLINE`` asks for it, else a no-op context."""
+    return block_network() if offline_requested(env) else contextlib.nullcontext()
 
 
 try:  # the fixture exists only where pytest is installed (tests, dev installs)

@@ -128,15 +128,36 @@ def _cli(args, workdir, **popen):
                             text=True, **popen)
 
 
+SLOW_PLUGIN = """
+import time
+import numpy as np
+from fdsbench.method import Method
+from fdsbench.registry import register_method
+
+
+@register_method("slow_mean")
+class SlowMean(Method):
+    def prepare(self, support):
+        return np.concatenate([s.image[s.mask] for s in support.shots]).mean(0)
+
+    def predict(self, state, query):
+        time.sleep(0.4)  # keeps the run alive long enough to be killed mid-way on any machine
+        d = np.sqrt(((query.image.astype(np.float32) - state) ** 2).sum(-1))
+        return np.exp(-d / 60.0).astype(np.float32)
+"""
+
+
 def test_killed_cli_run_resumes(synthetic, tmp_path):
     """SIGKILL mid-run (no chance to clean up), then the same command resumes and matches a clean run."""
-    args = ["--method", "proto", "--preset", "test", "--fold", "2", "--max-episodes", "16",
+    plugin = tmp_path / "slow_plugin.py"
+    plugin.write_text(SLOW_PLUGIN)
+    args = ["--method", "slow_mean", "--plugin", str(plugin), "--fold", "2", "--max-episodes", "16",
             "--checkpoint-every", "0"]
     p = _cli(args, tmp_path / "a")
     deadline = time.time() + 240
-    while time.time() < deadline and not list((tmp_path / "a" / "runs").glob("*.partial.pkl")):
-        time.sleep(0.2)
-    time.sleep(1.0)
+    while time.time() < deadline and p.poll() is None and not list((tmp_path / "a" / "runs").glob("*.partial.pkl")):
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it could be killed: " + p.communicate()[1]
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert list((tmp_path / "a" / "runs").glob("*.partial.pkl")), "no progress was saved before the kill"
@@ -145,6 +166,7 @@ def test_killed_cli_run_resumes(synthetic, tmp_path):
     clean_out, clean_err = _cli(args, tmp_path / "b").communicate(timeout=300)
     rec_a = json.loads(next((tmp_path / "a" / "runs").glob("*.json")).read_text())
     rec_b = json.loads(next((tmp_path / "b" / "runs").glob("*.json")).read_text())
+    assert rec_a["episodes"] == rec_b["episodes"] == 16
     assert rec_a["metrics"] == rec_b["metrics"]
 
 

@@ -66,16 +66,26 @@ def test_build_and_load_weights_offline(tmp_path, monkeypatch, no_network):
     assert no_network.calls == []
 
 
-def test_offline_env_installs_guard_for_the_process():
+def test_offline_env_guards_the_command_only():
     code = ("import socket, fdsbench.netguard as n\n"
-            "assert n.install_from_env()\n"
-            "try:\n    socket.create_connection(('1.1.1.1', 443), timeout=1)\n"
-            "except n.NetworkBlockedError as e:\n    print('blocked:', e)\n")
+            "with n.offline_from_env():\n"
+            "    try:\n        socket.create_connection(('1.1.1.1', 443), timeout=1)\n"
+            "    except n.NetworkBlockedError as e:\n        print('blocked:', e)\n"
+            "assert not n.is_active()\n")
     env = {**os.environ, "FDSBENCH_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("blocked: network access blocked (") and "1.1.1.1" in out.stdout
     env["FDSBENCH_OFFLINE"] = "0"
-    code0 = "import fdsbench.netguard as n\nprint(n.install_from_env(), n.is_active())\n"
+    code0 = ("import fdsbench.netguard as n\n"
+             "with n.offline_from_env():\n    print(n.offline_requested(), n.is_active())\n")
     out = subprocess.run([sys.executable, "-c", code0], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False False"
+
+
+def test_cli_in_process_leaves_no_guard_behind(monkeypatch, capsys):
+    from fdsbench import cli
+
+    monkeypatch.setenv("FDSBENCH_OFFLINE", "1")
+    assert cli.main(["methods"]) == 0
+    assert not is_active()
