@@ -224,3 +224,23 @@ def test_overfits_one_episode():
         assert iou > 0.9, iou
     finally:
         torch.set_num_threads(threads)
+
+
+def test_released_checkpoint_round_trip_and_provenance(tmp_path):
+    """A full SOFS state dict (backbone included, as the released SOFS_model.pth) loads strictly and
+    the run record's provenance then names that file for the backbone too."""
+    a = SOFS.from_preset("test")
+    with torch.no_grad():  # differ from a fresh model everywhere, backbone included
+        for v in a.model.state_dict().values():
+            if v.is_floating_point():
+                v.add_(0.01)
+    torch.save({"state_dict": {"module." + k: v for k, v in a.model.state_dict().items()}}, tmp_path / "mine.pth")
+    b = SOFS.from_preset("test")
+    b.load_checkpoint(str(tmp_path / "mine.pth"))
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    prov = b.weights_provenance()
+    assert set(prov) == {b.config.backbone, "sofs"} and prov["sofs"] == prov[b.config.backbone] != "random-init"
+    torch.save({"bogus.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(Exception, match="bogus|missing|unexpected"):
+        b.load_checkpoint(str(tmp_path / "bad.pth"))

@@ -153,10 +153,10 @@ class SOFSMethod(Method):
 
     # ---- weights -----------------------------------------------------------------------------
     def weights_provenance(self) -> dict[str, str]:
-        out = {self.config.backbone: self.model.backbone.provenance["sha256"]}
-        if self._checkpoint_prov:
-            out["sofs"] = self._checkpoint_prov["sha256"]
-        return out
+        if self._checkpoint_prov:  # the released checkpoint carries the backbone too (loaded strictly)
+            sha = self._checkpoint_prov["sha256"]
+            return {self.config.backbone: sha, "sofs": sha}
+        return {self.config.backbone: self.model.backbone.provenance["sha256"]}
 
     def load_checkpoint(self, path: str | None = None) -> None:
         """Load the released SOFS checkpoint (all keys, backbone included, strictly)."""
