@@ -20,6 +20,8 @@ LEADERBOARDS ?= leaderboards
 EPISODES ?= 20
 PLUGIN   ?=
 FORCE    ?=
+TRAIN_DATASET ?=
+TRAIN_DATA_ROOT ?=
 ARGS     ?=
 
 # Nothing in our paths may reach the network (hub checks, font downloads, telemetry).
@@ -31,7 +33,9 @@ export PYTHONDONTWRITEBYTECODE := 1
 RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --fold $(FOLD) --shot $(SHOT) --runs $(RUNS) --seed $(SEED) \
            --device $(DEVICE) --workdir $(WORKDIR) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
            $(if $(PRESET),--preset $(PRESET)) $(if $(PROTOCOL),--protocol $(PROTOCOL)) \
-           $(if $(PLUGIN),--plugin $(PLUGIN)) $(if $(FORCE),--force) $(ARGS)
+           $(if $(PLUGIN),--plugin $(PLUGIN)) $(if $(FORCE),--force) \
+           $(if $(TRAIN_DATASET),--train-dataset $(TRAIN_DATASET)) $(if $(TRAIN_DATA_ROOT),--train-data-root $(TRAIN_DATA_ROOT)) \
+           $(ARGS)
 
 .PHONY: setup bench fps test leaderboard episodes bench-metrics clean-runs
 

@@ -21,6 +21,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="first test seed; run i uses seed+i")
     p.add_argument("--runs", type=int, default=1, help="number of test seeds (the papers use 5 to 15)")
     p.add_argument("--train-seed", type=int, default=54, help="seed of meta-training (SOFS scripts: 54)")
+    p.add_argument("--train-dataset", default=None,
+                   help="meta-train on this dataset instead of the test dataset's base folds (domain shift)")
+    p.add_argument("--train-data-root", default=None, help="root folder of --train-dataset")
+    p.add_argument("--train-fold", type=int, default=-1,
+                   help="with --train-dataset: train on the base folds of this fold (default -1: all objects)")
     p.add_argument("--protocol", default=None, help="fss | fad | per_support (default: the method's own)")
     p.add_argument("--protocol-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="protocol option, e.g. crop_size=518 (repeatable)")
@@ -47,6 +52,8 @@ def _spec(args):
 
     return BenchSpec(method=args.method, dataset=args.dataset, data_root=blank(args.data_root), fold=args.fold,
                      shot=args.shot, seed=args.seed, runs=args.runs, train_seed=args.train_seed,
+                     train_dataset=blank(args.train_dataset), train_data_root=blank(args.train_data_root),
+                     train_fold=args.train_fold,
                      protocol=blank(args.protocol), protocol_options=parse_overrides(args.protocol_opt),
                      preset=blank(args.preset), overrides=parse_overrides(args.overrides),
                      device=init_distributed(args.device),

@@ -402,10 +402,13 @@ class DatasetAdapter:
         return NormalPool(train or ids, self.load_image)
 
     def train_source(self, fold: int, seed: int) -> TrainSource:
-        objs = set(self.train_objects(fold))
+        """The base folds of test fold ``fold`` (its complement), or every object for ``fold = -1``
+        (training on one dataset and testing on another: the SOFS domain-shift setting, Table 4)."""
+        objs = set(self.index.objects if fold < 0 else self.train_objects(fold))
         if not objs:
             raise FdsError(f"dataset '{self.name}' has no training objects for fold {fold} "
-                           f"(all objects are test objects); meta-trained methods cannot run here")
+                           f"(all objects are test objects); meta-trained methods cannot run here "
+                           f"(train on another dataset with --train-dataset)")
         images_of = {c: ids for c, ids in self.index.images_of.items() if c.split("/", 1)[0] in objs}
         samples = sorted((i, c) for c, ids in images_of.items() for i in ids)
         return TrainSource(dataset=self.name, fold=fold, seed=seed, samples=samples, images_of=images_of,

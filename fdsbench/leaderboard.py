@@ -35,9 +35,19 @@ def is_random(record: dict) -> bool:
     return any(v == "random-init" for v in (record.get("weights") or {}).values())
 
 
+def trained_elsewhere(record: dict) -> str | None:
+    """The training dataset of a run meta-trained outside the test dataset's base folds, else None."""
+    t = record.get("trained_on") or {}
+    if t and (t.get("dataset_hash") != record.get("dataset_hash") or t.get("objects") == "all"):
+        return t["dataset"]
+    return None
+
+
 def label(record: dict) -> str:
     preset = record.get("preset") or "default"
-    return f"{record['method']} [{preset}]" + (RANDOM_MARK if is_random(record) else "")
+    other = trained_elsewhere(record)
+    return (f"{record['method']} [{preset}" + (f"; trained on {other}" if other else "") + "]"
+            + (RANDOM_MARK if is_random(record) else ""))
 
 
 def _fmt(values: list[float]) -> str:

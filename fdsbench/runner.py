@@ -51,6 +51,11 @@ class BenchSpec:
     seed: int = 0  # first test seed; run i uses seed + i
     runs: int = 1
     train_seed: int = 54  # the SOFS scripts' RNG_SEED
+    # meta-train on another dataset (domain shift, SOFS Table 4): all its objects (train_fold = -1)
+    # or the base folds of its fold train_fold. None: the base folds of `fold` of `dataset`.
+    train_dataset: str | None = None
+    train_data_root: str | None = None
+    train_fold: int = -1
     protocol: str | None = None  # default: the method's default_protocol
     protocol_options: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None
@@ -217,37 +222,72 @@ def _make_timer(spec: BenchSpec):
     return TimingMeter(device=spec.device, warmup=spec.warmup, precision=spec.precision)
 
 
+def _train_tag(spec: BenchSpec) -> str:
+    """'' for the usual base-fold training, else e.g. '_from-vision_v1' / '_from-vision_v1-f2'."""
+    if not spec.train_dataset:
+        return ""
+    return f"_from-{spec.train_dataset}" + (f"-f{spec.train_fold}" if spec.train_fold >= 0 else "")
+
+
 def run_id(spec: BenchSpec, method: Method, manifest: Manifest) -> str:
     return (f"{method.name}_{spec.dataset}_fold{spec.fold}_{spec.shot}shot_seed{manifest.seed}_"
-            f"{config_hash(method.config)[:8]}_{manifest.hash[:8]}"
+            f"{config_hash(method.config)[:8]}_{manifest.hash[:8]}" + _train_tag(spec)
             + (f"_first{spec.max_episodes}" if spec.max_episodes else ""))
 
 
-def fit_or_load(spec: BenchSpec, method: Method, ds: DatasetAdapter, log: Callable[[str], None]) -> str | None:
-    """Meta-train ``method`` on the base folds, or load the checkpoint of an earlier identical fit.
-    Under torch.distributed, rank 0 trains and the other ranks load its checkpoint."""
+def training_data(spec: BenchSpec, ds: DatasetAdapter) -> tuple[DatasetAdapter, int]:
+    """The dataset and fold a meta-trained method learns from: the base folds of the test fold, or
+    (``train_dataset``) another dataset, checked to share no object with the test fold."""
+    if not spec.train_dataset:
+        return ds, spec.fold
+    tds = get_dataset(spec.train_dataset)(spec.train_data_root)
+    if spec.train_fold >= 0:
+        tds.check_fold(spec.train_fold)
+    if tds.dataset_hash == ds.dataset_hash:
+        objs = set(tds.index.objects if spec.train_fold < 0 else tds.train_objects(spec.train_fold))
+        leak = sorted(objs & set(ds.test_objects(spec.fold)))
+        if leak:
+            raise FdsError(f"training on {tds.name} {'(all objects)' if spec.train_fold < 0 else f'fold {spec.train_fold}'}"
+                           f" would train on test objects of fold {spec.fold}: {', '.join(leak[:5])}; "
+                           f"drop --train-dataset to train on the base folds")
+    return tds, spec.train_fold
+
+
+def fit_or_load(spec: BenchSpec, method: Method, ds: DatasetAdapter,
+                log: Callable[[str], None]) -> tuple[str | None, dict | None]:
+    """Meta-train ``method`` on the base folds (or on ``spec.train_dataset``), or load the checkpoint
+    of an earlier identical fit. Under torch.distributed, rank 0 trains and the other ranks load it.
+    Returns (checkpoint path, what it was trained on) or (None, None) for untrained methods."""
     if not method.requires.training:
-        return None
+        if spec.train_dataset:
+            raise FdsError(f"method '{method.name}' is not trained: --train-dataset does not apply to it")
+        return None, None
     import torch
 
-    key = content_hash([method.name, config_dict(method.config), ds.dataset_hash, spec.fold, spec.train_seed], 12)
-    ckpt = Path(spec.workdir) / "checkpoints" / f"{method.name}_{ds.name}_fold{spec.fold}_train{spec.train_seed}_{key}.pt"
+    tds, tfold = training_data(spec, ds)
+    trained_on = {"dataset": tds.name, "data_root": str(tds.root), "dataset_hash": tds.dataset_hash,
+                  "fold": tfold, "objects": "all" if tfold < 0 else "base folds", "seed": spec.train_seed}
+    key = content_hash([method.name, config_dict(method.config), tds.dataset_hash, tfold, spec.train_seed], 12)
+    what = "all" if tfold < 0 else f"fold{tfold}"
+    ckpt = Path(spec.workdir) / "checkpoints" / f"{method.name}_{tds.name}_{what}_train{spec.train_seed}_{key}.pt"
     rank, _ = world()
     if rank == 0 and not ckpt.is_file():
         fit_dir = ckpt.with_suffix("")
         fit_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(spec.train_seed)
-        log(f"training {method.name} on the base folds of {ds.name} fold {spec.fold} (checkpoints in {fit_dir})")
-        method.fit(ds.train_source(spec.fold, spec.train_seed), fit_dir)
+        log(f"training {method.name} on " + (f"all objects of {tds.name}" if tfold < 0 else
+                                             f"the base folds of {tds.name} fold {tfold}")
+            + f" (checkpoints in {fit_dir})")
+        method.fit(tds.train_source(tfold, spec.train_seed), fit_dir)
         buf = io.BytesIO()
         torch.save(method.state_dict(), buf)
         atomic_write_bytes(ckpt, buf.getvalue())
         barrier()
-        return str(ckpt)
+        return str(ckpt), trained_on
     barrier()
     method.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False))
     log(f"loaded trained weights {ckpt}")
-    return str(ckpt)
+    return str(ckpt), trained_on
 
 
 def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Manifest, rid: str,
@@ -360,7 +400,7 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
     if proto_name == "fad" and not method_cls.requires.fad:
         raise FdsError(f"method '{method.name}' does not support few-shot anomaly detection (protocol fad)")
     proto = resolve_protocol(proto_name, spec.shot, spec.protocol_options, ds.protocol_defaults_for(spec.fold))
-    ckpt = fit_or_load(spec, method, ds, log)
+    ckpt, trained_on = fit_or_load(spec, method, ds, log)
     records = []
     for i in range(spec.runs):
         seed = spec.seed + i
@@ -387,6 +427,7 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
             "requires": dataclasses.asdict(method.requires),
             "dataset": ds.name, "data_root": str(ds.root), "dataset_hash": ds.dataset_hash,
             "fold": spec.fold, "shot": spec.shot, "seed": seed, "train_seed": spec.train_seed if ckpt else None,
+            "trained_on": trained_on,
             "protocol": proto, "manifest": str(manifest.path), "manifest_hash": manifest.hash,
             "episodes": n_eval, "episodes_total": len(manifest.episodes), "checkpoint": ckpt,
             "device": spec.device, "precision": spec.precision, "world_size": size,

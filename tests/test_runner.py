@@ -181,3 +181,51 @@ def test_folder_dataset_with_predict_only_queries(tmp_path):
     assert rec["episodes"] == 3 and rec["metrics"]["n_queries"] == 1
     saved = sorted(p.name for p in (tmp_path / "w" / "predictions" / rec["run_id"]).glob("*.png"))
     assert len(saved) == 2
+
+
+FITS = []
+
+
+@register_method("fit_recorder")
+class FitRecorder(FlakyMean):
+    """Test method: 'meta-trains' by remembering which objects it saw."""
+
+    requires = Requirements(training=True)
+
+    def fit(self, train, workdir):
+        self.seen = sorted({c.split("/", 1)[0] for c in train.classes})
+        FITS.append((train.dataset, train.fold, self.seen))
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+def test_cross_dataset_training(synthetic, tmp_path):
+    """--train-dataset: meta-train on all objects of another dataset (SOFS domain shift), recorded
+    and labelled as such; training on the test fold's own objects is refused."""
+    from fdsbench.datasets._testing import make_folder
+    from fdsbench.leaderboard import label
+
+    FITS.clear()
+    root = make_folder(tmp_path / "data", h=40, w=48)
+    s = BenchSpec(method="fit_recorder", dataset="folder", data_root=str(root), workdir=str(tmp_path / "w"),
+                  progress=False, train_dataset="synthetic")
+    rec = run(s)[0]
+    assert FITS == [("synthetic", -1, sorted(synthetic.index.objects))]
+    assert rec["trained_on"]["dataset"] == "synthetic" and rec["trained_on"]["objects"] == "all"
+    assert rec["run_id"].endswith("_from-synthetic") and "trained on synthetic" in label(rec)
+    run(BenchSpec(**{**s.__dict__, "force": True}))
+    assert len(FITS) == 1  # the fitted checkpoint is reused
+
+    with pytest.raises(FdsError, match="would train on test objects of fold 0"):
+        run(spec(tmp_path / "w2", method="fit_recorder", fold=0, train_dataset="synthetic"))
+    with pytest.raises(FdsError, match="would train on test objects of fold 0"):
+        run(spec(tmp_path / "w2", method="fit_recorder", fold=0, train_dataset="synthetic", train_fold=1))
+    rec = run(spec(tmp_path / "w2", method="fit_recorder", fold=0))[0]  # the usual base folds
+    assert FITS[-1][:2] == ("synthetic", 0) and "trained on" not in label(rec)
+    assert rec["trained_on"]["objects"] == "base folds"
+    with pytest.raises(FdsError, match="not trained: --train-dataset does not apply"):
+        run(spec(tmp_path / "w3", train_dataset="synthetic"))
