@@ -389,6 +389,11 @@ class DatasetAdapter:
         test = set(self.test_objects(fold))
         return [o for o in self.index.objects if o not in test]
 
+    def class_order(self, obj: str) -> list[str]:
+        """The classes of ``obj`` in the order a replayed official protocol iterates them (sorted
+        here; an adapter whose publisher's script uses another order overrides it)."""
+        return sorted(c for c in self.index.classes if c.split("/", 1)[0] == obj)
+
     def test_classes(self, fold: int) -> list[str]:
         objs = set(self.test_objects(fold))
         return [c for c in self.index.classes if c.split("/", 1)[0] in objs]

@@ -18,12 +18,14 @@ Protocols (``protocol["name"]``):
 
 Datasets whose records carry the split ``support``/``query`` (the ``folder`` adapter: the user fixed
 them) take supports only from ``support/`` and queries only from ``query/``. ``resize: [h, w]``
-(e.g. GFDS's 256x256) makes the harness decode images and masks at that size.
+(e.g. GFDS's 256x256) makes the harness decode images and masks at that size. ``draw: gfds`` (with
+``crops: false``) replays the GFDS script's support pairing instead of fdsbench's own draw.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +44,33 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "fad": {"resize": None},
     "per_support": {"scope": "class", "resize": None},
 }
+#: options kept in a protocol only when they differ from their default (so adding one does not
+#: change the hash, hence the manifests, of every existing run)
+OPTIONAL: dict[str, dict[str, Any]] = {"fss": {"draw": "fdsbench"}}
 
 
 def resolve_protocol(name: str, shot: int, overrides: dict | None = None, dataset_defaults: dict | None = None):
     if name not in PROTOCOLS:
         raise FdsError(f"unknown protocol '{name}'; known: {', '.join(PROTOCOLS)}")
     proto = {"name": name, **PROTOCOLS[name]}
+    optional = OPTIONAL.get(name, {})
     for key, value in {**(dataset_defaults or {}).get(name, {}), **(overrides or {})}.items():
-        if key not in proto:
-            raise FdsError(f"protocol '{name}' has no option '{key}'; options: {', '.join(sorted(proto)) or 'none'}")
+        if key not in proto and key not in optional:
+            raise FdsError(f"protocol '{name}' has no option '{key}'; options: "
+                           f"{', '.join(sorted({*proto, *optional} - {'name'})) or 'none'}")
         proto[key] = value
+    for key, default in optional.items():
+        if proto.get(key, default) == default:
+            proto.pop(key, None)
     if proto.get("resize") is not None:  # [h, w]: images and masks decoded at this size (GFDS 256x256)
         r = proto["resize"]
         proto["resize"] = [int(r), int(r)] if isinstance(r, (int, float, str)) else [int(v) for v in r]
     if name == "per_support" and proto["scope"] not in ("class", "object"):
         raise FdsError(f"per_support scope must be 'class' or 'object', got '{proto['scope']}'")
+    if name == "fss" and proto.get("draw", "gfds") != "gfds":
+        raise FdsError(f"fss option draw must be 'fdsbench' or 'gfds' (the official GFDS pairing), got '{proto['draw']}'")
+    if name == "fss" and proto.get("draw") == "gfds" and proto["crops"]:
+        raise FdsError("fss draw=gfds replays the GFDS script, which uses whole images: set crops=false")
     if name == "fss" and proto["crops_per_shot"] is None:
         proto["crops_per_shot"] = 4 if shot == 1 else 1  # SOFS: 1-shot = 4 crops, 5-shot = 1 crop each
     return proto
@@ -85,6 +99,27 @@ def _support_ref(ds: DatasetAdapter, image_id: str, cls: str, proto: dict, rng) 
                                       for _ in range(proto["crops_per_shot"])))
 
 
+def _gfds_draw(ds: DatasetAdapter, objects: list[str], shot: int, seed: int) -> tuple[list[Episode], list[str]]:
+    """The GFDS evaluation's pairing (fm-fastsam.md §1.3), replayed: per product, Python ``random``
+    seeded 2 (+ ``seed``: seed 0 is the official pairing); every image of every class is a query once,
+    classes in the script's order, images sorted; supports = ``random.sample`` of min(shot, n) from the
+    sorted other images of the class (fewer than ``shot`` when the class is that small)."""
+    episodes: list[Episode] = []
+    skipped: list[str] = []
+    for obj in objects:
+        draw = random.Random(2 + seed)
+        for cls in ds.class_order(obj):
+            ids = sorted(ds.index.images_of[cls])
+            for q in ids:
+                pool = [i for i in ids if i != q]
+                if not pool:
+                    skipped.append(f"{cls}: only 1 image, a query needs a different support image")
+                    continue
+                sup = draw.sample(pool, min(shot, len(pool)))
+                episodes.append(Episode(len(episodes), cls, tuple(SupportRef(s) for s in sup), (q,)))
+    return episodes, skipped
+
+
 def generate(ds: DatasetAdapter, fold: int, shot: int, seed: int, proto: dict, progress=None) -> dict:
     """Build the manifest dict (episodes + provenance). Deterministic in its arguments."""
     if shot < 1:
@@ -96,7 +131,9 @@ def generate(ds: DatasetAdapter, fold: int, shot: int, seed: int, proto: dict, p
     episodes: list[Episode] = []
     skipped: list[str] = []
     name = proto["name"]
-    if name in ("fss", "per_support"):
+    if name == "fss" and proto.get("draw") == "gfds":
+        episodes, skipped = _gfds_draw(ds, test_objects, shot, seed)
+    elif name in ("fss", "per_support"):
         classes = ds.test_classes(fold)
         if not classes:
             raise FdsError(f"fold {fold} of dataset '{ds.name}' has no defect classes under {ds.root}")

@@ -34,6 +34,53 @@ def test_gfds_products_loader_keys_threshold_and_folds(tmp_path):
     assert probs == []
 
 
+def _official_pairing(root, products, shot, seed=2):
+    """Independent replay of the GFDS evaluation loop (fm-fastsam.md 1.3) on full paths: per product the
+    global ``random`` is seeded, classes follow main.py's list, (image, mask) path pairs are sorted and
+    the supports drawn from the sorted pairs minus the query."""
+    import glob
+    import random
+    out = []
+    for product, keys in products:
+        random.seed(seed)
+        for key in keys:
+            folder, defect = key.split("_", 1)
+            imgs = sorted(glob.glob(f"{root}/{folder}/images/{defect}/*"))
+            gts = sorted(glob.glob(f"{root}/{folder}/ground_truth/{defect}/*"))
+            pairs = list(zip(imgs, gts))
+            for q in pairs:
+                rest = sorted(set(pairs) - {q})
+                out.append((key, q[0], [p[0] for p in random.sample(rest, min(shot, len(rest)))]))
+    return out
+
+
+@pytest.mark.parametrize("shot", [1, 2])
+def test_gfds_official_pairing_is_replayed(tmp_path, shot):
+    root = tmp_path / "gfds"
+    counts = {("Class1", "bad"): 5, ("Class2", "bad"): 4, ("Class10", "bad"): 6, ("Side", "holes"): 5,
+              ("Side", "boundary"): 3}
+    for (prod, d), n in counts.items():
+        for k in range(n):
+            T.write_image(root / prod / "images" / d / f"{k:03d}.png", 8, 8, seed=k)
+            T.write_mask(root / prod / "ground_truth" / d / f"{k:03d}.png", T.box_mask(8, 8, 2, 2, 3, 255))
+    ds = open_ds("gfds", root, tmp_path)
+    assert ds.class_order("DAGM") == ["DAGM/Class1_bad", "DAGM/Class2_bad", "DAGM/Class10_bad"]  # not sorted
+    assert ds.class_order("Side") == ["Side/Side_holes", "Side/Side_boundary"]
+    proto = resolve_protocol("fss", shot, {"draw": "gfds", "resize": 256}, ds.protocol_defaults)
+    body = generate(ds, 2, shot, 0, proto)
+    got = [(e["class"].split("/", 1)[1], str(root / e["queries"][0]), [str(root / s["id"]) for s in e["supports"]])
+           for e in body["episodes"]]
+    want = _official_pairing(root, [("DAGM", ["Class1_bad", "Class2_bad", "Class10_bad"]),
+                                    ("Side", ["Side_holes", "Side_boundary"])], shot)
+    assert sorted(got) == sorted(want) and len(got) == sum(counts.values())
+    assert generate(ds, 2, shot, 1, proto)["hash"] != body["hash"]  # seed 1 = another replay seed
+    assert "draw" not in resolve_protocol("fss", 1, {"draw": "fdsbench"})  # default keeps old manifest hashes
+    with pytest.raises(FdsError, match="crops=false"):
+        resolve_protocol("fss", 1, {"draw": "gfds"})
+    with pytest.raises(FdsError, match="draw must be"):
+        resolve_protocol("fss", 1, {"draw": "official", "crops": False})
+
+
 def test_gfds_pairing_errors(tmp_path):
     root = T.make_gfds(tmp_path / "gfds")
     (root / "tile" / "ground_truth" / "oil" / "0002_mask.png").unlink()
