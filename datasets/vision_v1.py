@@ -75,8 +75,8 @@ class VisionV1(DatasetAdapter):
         if 0 <= fold < len(self.AREA_RESIZE_RATIO):
             fss["area_resize_ratio"] = self.AREA_RESIZE_RATIO[fold]
         return {**self.protocol_defaults, "fss": fss}
-    mask_rule = ("COCO polygons, coordinates truncated to int32, filled (boundary included); polygons and "
-                 "annotations of one category OR-ed")
+    mask_rule = ("COCO polygons, coordinates truncated to int32, each filled with cv2.fillPoly (boundary "
+                 "included) as the SOFS loader does; polygons and annotations of one category OR-ed")
     layout = "<Object>/{train,val}/_annotations.coco.json + the images it lists"
 
     def scan(self) -> list[ImageRecord]:

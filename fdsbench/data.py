@@ -121,48 +121,31 @@ def decode_mask(spec, root: Path, size: tuple[int, int] | None) -> np.ndarray:
     if "polygons" in spec:
         if size is None:
             raise DataError("polygon mask needs the image size")
-        from PIL import Image, ImageDraw
+        import cv2
 
-        canvas = Image.new("L", (size[1], size[0]), 0)
-        draw = ImageDraw.Draw(canvas)
-        for poly in spec["polygons"]:
+        mask = np.zeros(tuple(size), np.uint8)
+        for poly in spec["polygons"]:  # POLYGON_FILL: the SOFS loader's rule
             flat = poly.split() if isinstance(poly, str) else poly
-            pts = np.asarray(flat, dtype=np.float64).astype(np.int32).reshape(-1, 2)
-            if len(pts) >= 3:
-                draw.polygon([tuple(map(int, p)) for p in pts], fill=1, outline=1)
-            elif len(pts) > 0:
-                draw.point([tuple(map(int, p)) for p in pts], fill=1)
-        return np.asarray(canvas, dtype=bool)
+            pts = np.asarray(flat, dtype=np.float64).astype(np.int32).reshape(1, -1, 2)
+            if pts.shape[1]:
+                cv2.fillPoly(mask, pts, 1)
+        return mask.astype(bool)
     raise DataError(f"unknown mask spec {spec}")
 
 
+POLYGON_FILL = "cv2.fillPoly per polygon, int32-truncated vertices, OR-ed"
+
+
 def resize_bilinear(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize [H, W] or [H, W, C] to ``size`` = (h, w) with OpenCV's INTER_LINEAR semantics: half-pixel
-    centres, edge clamping, no antialiasing; integer inputs are rounded back to their dtype."""
+    """Resize [H, W] or [H, W, C] to ``size`` = (h, w) with OpenCV's INTER_LINEAR (``cv2.resize``
+    default, as the GFDS loader: half-pixel centres, no antialiasing, fixed-point rounding for uint8)."""
+    import cv2
+
     h, w = int(size[0]), int(size[1])
-    H, W = arr.shape[:2]
-    if (H, W) == (h, w):
+    if arr.shape[:2] == (h, w):
         return arr.copy()
-
-    def axis(n_in, n_out):
-        x = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-        x = np.clip(x, 0, n_in - 1)
-        i0 = np.floor(x).astype(np.int64)
-        i1 = np.minimum(i0 + 1, n_in - 1)
-        return i0, i1, x - i0
-
-    y0, y1, fy = axis(H, h)
-    x0, x1, fx = axis(W, w)
-    a = arr.astype(np.float64)
-    fx_ = fx[None, :, None] if a.ndim == 3 else fx[None, :]
-    fy_ = fy[:, None, None] if a.ndim == 3 else fy[:, None]
-    top = a[y0][:, x0] * (1 - fx_) + a[y0][:, x1] * fx_
-    bottom = a[y1][:, x0] * (1 - fx_) + a[y1][:, x1] * fx_
-    out = top * (1 - fy_) + bottom * fy_
-    if np.issubdtype(arr.dtype, np.integer):
-        info = np.iinfo(arr.dtype)
-        return np.clip(np.floor(out + 0.5), info.min, info.max).astype(arr.dtype)
-    return out.astype(arr.dtype)
+    out = cv2.resize(arr, (w, h), interpolation=cv2.INTER_LINEAR)
+    return out.reshape(h, w, *arr.shape[2:])  # cv2 drops a trailing channel axis of size 1
 
 
 def resize_nearest(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -302,9 +285,13 @@ class DatasetAdapter:
 
     @property
     def dataset_hash(self) -> str:
-        """Hash of the index content (ids, classes, mask specs) — recorded in manifests."""
-        return content_hash([[r.id, r.object, sorted(r.masks), r.normal, r.split]
-                             for r in sorted(self.index.records.values(), key=lambda r: r.id)])
+        """Hash of the index content (ids, classes, mask specs) — recorded in manifests. Trees with
+        polygon masks also hash the rasteriser, so manifests made with another one are not reused."""
+        recs = sorted(self.index.records.values(), key=lambda r: r.id)
+        body = [[r.id, r.object, sorted(r.masks), r.normal, r.split] for r in recs]
+        if any("polygons" in spec for r in recs for spec in r.masks.values()):
+            body.append(POLYGON_FILL)
+        return content_hash(body)
 
     # ---- decoding ----------------------------------------------------------------------------
     def record(self, image_id: str) -> ImageRecord:

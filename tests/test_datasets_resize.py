@@ -10,8 +10,10 @@ from fdsbench.registry import get_dataset
 def test_bilinear_matches_opencv_half_pixel_rule_by_hand():
     a = (np.arange(16, dtype=np.uint8) * 10).reshape(4, 4)
     assert resize_bilinear(a, (2, 2)).tolist() == [[25, 45], [105, 125]]  # 2x2 block means
-    up = resize_bilinear(a, (8, 8))[0].tolist()
-    assert up == [0, 3, 8, 13, 18, 23, 28, 30]  # x = (j + .5) / 2 - .5, clamped, rounded half up
+    up = resize_bilinear(a, (8, 8))[0].astype(float)
+    exact = np.array([0, 2.5, 7.5, 12.5, 17.5, 22.5, 27.5, 30])  # x = (j + .5) / 2 - .5, clamped at the edges
+    assert np.abs(up - exact).max() <= 0.5  # uint8 output: OpenCV's fixed-point rounding of the exact value
+    assert up.tolist() == [0, 2, 7, 12, 17, 22, 27, 30]  # (it rounds these exact halves down)
     assert resize_nearest(a, (2, 2)).tolist() == [[0, 20], [80, 100]]
     rgb = np.zeros((5, 7, 3), np.uint8)
     assert resize_bilinear(rgb, (3, 4)).shape == (3, 4, 3)
@@ -48,3 +50,13 @@ def test_vision_v1_area_resize_ratio_per_fold(tmp_path):
     assert ds.protocol_defaults_for(1)["fss"]["crop_size"] == 518
     mv = get_dataset("mvtec_ad")(T.make_mvtec(tmp_path / "m", categories=("tile",)), cache_dir=tmp_path / "cache")
     assert mv.protocol_defaults_for(0) == mv.protocol_defaults
+
+
+def test_nearest_equals_opencv_inter_nearest():
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for (H, W), (h, w) in [((512, 512), (256, 256)), ((1000, 700), (256, 256)), ((37, 100), (256, 300)),
+                           ((7, 9), (3, 4))]:
+        a = rng.integers(0, 5, (H, W), dtype=np.uint8)
+        assert np.array_equal(resize_nearest(a, (h, w)), cv2.resize(a, (w, h), interpolation=cv2.INTER_NEAREST))

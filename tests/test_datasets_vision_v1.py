@@ -50,6 +50,10 @@ def test_polygons_truncated_filled_and_classes_kept_apart(tmp_path):
          "segmentation": [[1, 1, 3, 1, 3, 3, 1, 3]]},
         {"id": 3, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 1, 1], "area": 1,
          "segmentation": [[5, 5, 7, 5, 7, 7, 5, 7]]},
+        # two overlapping polygons of one annotation: filled one by one and OR-ed (one fillPoly call
+        # with both contours would leave their overlap as a hole)
+        {"id": 4, "image_id": 1, "category_id": 2, "iscrowd": 0, "bbox": [0, 0, 1, 1], "area": 1,
+         "segmentation": [[10, 10, 14, 10, 14, 14, 10, 14], [12, 12, 16, 12, 16, 16, 12, 16]]},
     ]
     p.write_text(json.dumps(data))
     ds = open_ds(root, tmp_path)
@@ -66,6 +70,9 @@ def test_polygons_truncated_filled_and_classes_kept_apart(tmp_path):
     # two annotations of one category are OR-ed into one mask
     img1 = "Wood/train/" + data["images"][1]["file_name"]
     assert ds.load_mask(img1, "1").sum() == 9 + 9
+    overlap = np.zeros((24, 32), bool)
+    overlap[10:15, 10:15] = overlap[12:17, 12:17] = True
+    assert np.array_equal(ds.load_mask(img1, "2"), overlap)
     assert ds.image_size(img) == (24, 32) and ds.load_image(img).shape == (24, 32, 3)
     # a two-class image is a query once per class, each episode with its own class
     man = generate(ds, 0, 1, 0, resolve_protocol("fss", 1, {"crop_size": 8}))
