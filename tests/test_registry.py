@@ -68,3 +68,13 @@ def test_entry_point_plugins_are_loaded(monkeypatch):
     monkeypatch.setattr(reg, "entry_points", lambda group: [EP()] if group == "fdsbench.methods" else [])
     reg._load_entry_points()
     assert "ep_method" in list_methods()
+
+
+def test_every_registered_method_describes_itself():
+    """`fdsbench methods` prints the first docstring line: none may be blank."""
+    from fdsbench.registry import list_methods
+
+    ours = {n: c for n, c in list_methods().items() if c.__module__.startswith("fdsbench.methods.")}
+    assert {"proto", "sofs", "sam2", "nbr_cap"} <= set(ours)
+    for name, cls in ours.items():
+        assert (cls.__doc__ or "").strip(), f"method '{name}' has no docstring"

@@ -52,6 +52,8 @@ PAPER_ROWS = {  # Table 4 rows: name -> (model, S)
 
 @register_method("sam2")
 class Sam2VideoTrack(Method):
+    """SAM2.1 video-track (GFDS paper): support = memory frame 0 with its mask, query = frame 1."""
+
     requires: ClassVar[Requirements] = Requirements(weights=("sam2.1_hiera_small",), fad=False, gpu_recommended=True)
     Config = Sam2Config
     presets: ClassVar[dict[str, dict[str, Any]]] = {
