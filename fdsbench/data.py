@@ -23,6 +23,7 @@ so a run never draws them.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -283,10 +284,11 @@ class DatasetAdapter:
             pass  # read-only cache dir: the index is simply not cached
         return records
 
-    @property
+    @functools.cached_property
     def dataset_hash(self) -> str:
-        """Hash of the index content (ids, classes, mask specs) — recorded in manifests. Trees with
-        polygon masks also hash the rasteriser, so manifests made with another one are not reused."""
+        """Hash of the index content (ids, classes, mask specs) — recorded in manifests; computed once,
+        as the index is. Trees with polygon masks also hash the rasteriser, so manifests made with
+        another one are not reused."""
         recs = sorted(self.index.records.values(), key=lambda r: r.id)
         body = [[r.id, r.object, sorted(r.masks), r.normal, r.split] for r in recs]
         if any("polygons" in spec for r in recs for spec in r.masks.values()):

@@ -67,7 +67,7 @@ def resolve_protocol(name: str, shot: int, overrides: dict | None = None, datase
         proto["resize"] = [int(r), int(r)] if isinstance(r, (int, float, str)) else [int(v) for v in r]
     if name == "per_support" and proto["scope"] not in ("class", "object"):
         raise FdsError(f"per_support scope must be 'class' or 'object', got '{proto['scope']}'")
-    if name == "fss" and proto.get("draw", "gfds") != "gfds":
+    if name == "fss" and proto.get("draw", "fdsbench") not in ("fdsbench", "gfds"):
         raise FdsError(f"fss option draw must be 'fdsbench' or 'gfds' (the official GFDS pairing), got '{proto['draw']}'")
     if name == "fss" and proto.get("draw") == "gfds" and proto["crops"]:
         raise FdsError("fss draw=gfds replays the GFDS script, which uses whole images: set crops=false")

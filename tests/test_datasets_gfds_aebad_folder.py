@@ -36,13 +36,13 @@ def test_gfds_products_loader_keys_threshold_and_folds(tmp_path):
 
 def _official_pairing(root, products, shot, seed=2):
     """Independent replay of the GFDS evaluation loop (fm-fastsam.md 1.3) on full paths: per product the
-    global ``random`` is seeded, classes follow main.py's list, (image, mask) path pairs are sorted and
+    ``random`` stream is seeded, classes follow main.py's list, (image, mask) path pairs are sorted and
     the supports drawn from the sorted pairs minus the query."""
     import glob
     import random
     out = []
     for product, keys in products:
-        random.seed(seed)
+        rng = random.Random(seed)  # the script's random.seed(2): same stream, no global side effect
         for key in keys:
             folder, defect = key.split("_", 1)
             imgs = sorted(glob.glob(f"{root}/{folder}/images/{defect}/*"))
@@ -50,7 +50,7 @@ def _official_pairing(root, products, shot, seed=2):
             pairs = list(zip(imgs, gts))
             for q in pairs:
                 rest = sorted(set(pairs) - {q})
-                out.append((key, q[0], [p[0] for p in random.sample(rest, min(shot, len(rest)))]))
+                out.append((key, q[0], [p[0] for p in rng.sample(rest, min(shot, len(rest)))]))
     return out
 
 

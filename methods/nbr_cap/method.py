@@ -80,7 +80,7 @@ class NBRCaP(Method):
     presets = {
         "paper": {},
         # ours, CPU-sized: `make bench METHOD=nbr_cap` on the synthetic fold 0 (8 fits of 30 steps at
-        # 128 px, ~1.8 s per step on 2 idle cores) in < 10 min; lr 1e-3 so that 30 steps fit at all
+        # 128 px: 263 s wall on 2 idle cores) in < 10 min; lr 1e-3 so that 30 steps fit at all
         "cpu": {"weights": "random", "input_size": 128, "iterations": 30, "lr": 1e-3},
         "test": {"weights": "random", "input_size": 64, "iterations": 3, "cache": False},
     }
