@@ -1,60 +1,35 @@
-"""Leaderboard tables and plots, built only from run records (never by hand).
+"""Leaderboard tables and plots, built only from run records (never by hand), through the tidy
+frame of :mod:`fdsbench.results`.
 
-Tables have the papers' shape: one row per method configuration, columns F0/F1/F2/Mean for each
-shot, cells mean ± std over runs (seeds) in percent. "Mean" is the mean over folds of the per-fold
-means, shown only when every fold has runs. Methods run with random weights are marked †."""
+One Markdown file and one plot per (dataset name, protocol), named ``<dataset>_<protocol>.md/.png``
+as before. Inside a file, runs are grouped by dataset identity (name + content hash + adapter options)
+and protocol options: two datasets that share a name are two groups, never one cell. Tables have the
+papers' shape: one row per method configuration, columns F0/F1/F2/Mean for each shot (never averaged
+over shots), cells mean ± std over runs (seeds) in percent. FAD tables show the mean over categories of
+image AUROC, pixel AUROC, F1-max and AUPRO, with the pooled values as secondary columns. Runs cut short
+(``--max-episodes``) are listed apart and enter no table. Every table names the records it was built
+from. Methods run with random weights are marked †."""
 from __future__ import annotations
 
-import json
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
+import pandas as pd
 
 from .errors import FdsError
 from .io import atomic_write_text
-from .stats import bootstrap_ci, mean_std, paired_comparison
+from .results import (ALL, INCOMPLETE_MARK, METRIC_NAMES, PER_CLASS_METRIC, PRIMARY_METRIC,
+                      RANDOM_MARK, fad_frame, fold_frame, is_random, label, load_records,
+                      records_note, results_frame, run_values, runs_of, timing_frame, to_markdown, write_frame)
+from .stats import bootstrap_ci, paired_comparison
 
-RANDOM_MARK = "†"
-METRIC_NAMES = {"miou": "mIoU", "fbiou": "FB-IoU", "episode_miou": "episode mIoU", "per_image_iou": "per-image IoU",
-                "per_image_dice": "per-image Dice", "image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC",
-                "pixel_f1_max": "pixel F1-max", "aupro": "AUPRO"}
+__all__ = ["write_leaderboards", "format_run_table", "format_timing_table", "fold_table", "statistics_section",
+           "label", "is_random", "load_records"]
 
-
-def load_records(runs_dir: Path) -> list[dict]:
-    records = []
-    for path in sorted(Path(runs_dir).glob("*.json")):
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue  # a partial or foreign file is not a record
-    return [r for r in records if "metrics" in r and "run_id" in r]
-
-
-def is_random(record: dict) -> bool:
-    return any(v == "random-init" for v in (record.get("weights") or {}).values())
-
-
-def trained_elsewhere(record: dict) -> str | None:
-    """The training dataset of a run meta-trained outside the test dataset's base folds, else None."""
-    t = record.get("trained_on") or {}
-    if t and (t.get("dataset_hash") != record.get("dataset_hash") or t.get("objects") == "all"):
-        return t["dataset"]
-    return None
-
-
-def label(record: dict) -> str:
-    preset = record.get("preset") or "default"
-    other = trained_elsewhere(record)
-    return (f"{record['method']} [{preset}" + (f"; trained on {other}" if other else "") + "]"
-            + (RANDOM_MARK if is_random(record) else ""))
-
-
-def _fmt(values: list[float]) -> str:
-    ms = mean_std(values)
-    if ms["mean"] is None:
-        return "–"
-    return f"{100 * ms['mean']:.1f}" + (f" ± {100 * ms['std']:.1f}" if ms["std"] is not None else "")
+TABLE_METRICS = {
+    "fss": ("miou", "fbiou", "per_image_iou", "per_image_dice", "image_auroc", "pixel_auroc", "pixel_f1_max", "aupro"),
+    "per_support": ("per_image_iou", "per_image_dice", "miou", "fbiou", "image_auroc", "pixel_auroc",
+                    "pixel_f1_max", "aupro"),
+}
 
 
 def format_run_table(records: list[dict]) -> str:
@@ -69,79 +44,51 @@ def format_run_table(records: list[dict]) -> str:
             v = m.get(key)
             return "–" if v is None else f"{100 * v:.1f}"
 
+        p50 = (t.get("prepare") or {}).get("p50_s")
+        done = r.get("episodes") == r.get("episodes_total") if r.get("complete") is None else r["complete"]
         rows.append([label(r) + f" {r['dataset']} f{r['fold']} {r['shot']}-shot s{r['seed']}",
-                     f"{r['episodes']}/{r['episodes_total']}", pct("miou"), pct("fbiou"), pct("episode_miou"),
-                     pct("per_image_iou"), pct("per_image_dice"), pct("image_auroc"), pct("pixel_auroc"),
-                     pct("pixel_f1_max"), pct("aupro"),
-                     "–" if t.get("fps") is None else f"{t['fps']:.2f}", _ms(t, "prepare", "p50_s")])
+                     f"{r['episodes']}/{r['episodes_total']}" + ("" if done else f" {INCOMPLETE_MARK}"),
+                     pct("miou"), pct("fbiou"), pct("episode_miou"), pct("per_image_iou"), pct("per_image_dice"),
+                     pct("image_auroc"), pct("pixel_auroc"), pct("pixel_f1_max"), pct("aupro"),
+                     "–" if t.get("fps") is None else f"{t['fps']:.2f}", "–" if p50 is None else f"{1000 * p50:.1f}"])
+    df = pd.DataFrame(rows, columns=cols).set_index("run")
     note = f"\n{RANDOM_MARK} random-init weights: numbers are not the paper's." if any(map(is_random, records)) else ""
-    return _markdown(cols, rows) + note
+    if any(r.get("complete") is False for r in records):
+        note += f"\n{INCOMPLETE_MARK} incomplete run (--max-episodes): not a result, kept out of leaderboards."
+    return to_markdown(df) + note
 
 
-def format_timing_table(records: list[dict]) -> str:
-    cols = ["run", "device", "precision", "FPS", "p50 ms", "p95 ms", "prepare p50 ms", "peak MiB"]
-    rows = []
-    for r in records:
-        t = r.get("timing") or {}
-        peak = t.get("peak_memory_bytes")
-        rows.append([label(r), r["environment"].get("device_name") or r["device"], r.get("precision", "fp32"),
-                     "–" if t.get("fps") is None else f"{t['fps']:.2f}", _ms(t, "predict", "p50_s"),
-                     _ms(t, "predict", "p95_s"), _ms(t, "prepare", "p50_s"),
-                     "–" if peak is None else f"{peak / 2**20:.0f}"])
-    return _markdown(cols, rows)
+def format_timing_table(records) -> str:
+    return to_markdown(timing_frame(records))
 
 
-def _ms(timing: dict, what: str, key: str) -> str:
-    v = (timing.get(what) or {}).get(key)
-    return "–" if v is None else f"{1000 * v:.1f}"
+def fold_table(data, metric: str = "miou") -> str:
+    return to_markdown(fold_frame(data, metric))
 
 
-def _markdown(cols, rows) -> str:
-    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
-def fold_table(records: list[dict], metric: str = "miou") -> str:
-    """Paper-shaped table for one (dataset, protocol): rows = method configs, F0/F1/F2/Mean per shot."""
-    folds = sorted({r["fold"] for r in records})
-    shots = sorted({r["shot"] for r in records})
-    cell = defaultdict(list)
-    labels = []
-    for r in sorted(records, key=lambda r: (r["method"], r.get("preset") or "")):
-        lab = label(r)
-        if lab not in labels:
-            labels.append(lab)
-        cell[(lab, r["shot"], r["fold"])].append(r["metrics"].get(metric))
-    cols = ["method"] + [f"{s}-shot F{f}" for s in shots for f in folds] + \
-           ([f"{s}-shot Mean" for s in shots] if len(folds) > 1 else [])
-    rows = []
-    for lab in labels:
-        row = [lab] + [_fmt(cell[(lab, s, f)]) for s in shots for f in folds]
-        if len(folds) > 1:
-            for s in shots:
-                per_fold = [np.mean([v for v in cell[(lab, s, f)] if v is not None]) if any(
-                    v is not None for v in cell[(lab, s, f)]) else None for f in folds]
-                row.append("–" if any(v is None for v in per_fold) else f"{100 * np.mean(per_fold):.1f}")
-        rows.append(row)
-    return _markdown(cols, rows)
-
-
-def statistics_section(records: list[dict], metric: str = "iou") -> str:
-    """Per (fold, shot): mIoU with a bootstrap CI over classes for each method config, and paired
-    comparisons (per-class IoU differences, CI, sign-flip p) of configs run on the same manifests."""
-    groups = defaultdict(lambda: defaultdict(dict))  # (fold, shot) -> label -> manifest hash -> per_class
-    for r in records:
-        groups[(r["fold"], r["shot"])][label(r)][r["manifest_hash"]] = r["metrics"].get("per_class") or {}
+def statistics_section(data, metric: str = "iou", level: int = 2) -> str:
+    """Per (fold, shot): the mean over classes with a bootstrap CI for each method configuration, and
+    paired comparisons (per-class differences, CI, sign-flip p) of configurations run on the same
+    manifests. Only complete runs."""
+    f = data if isinstance(data, pd.DataFrame) else results_frame(data)
+    f = f[f["complete"]]
+    runs = runs_of(f)
+    sel = f[(f["class"] != ALL) & (f["metric"] == metric)]
+    per_class = {rid: {c: (None if pd.isna(v) else float(v)) for c, v in zip(g["class"], g["value"])}
+                 for rid, g in sel.groupby("run_id")}
+    h = "#" * (level + 1)
     lines = []
-    for (fold, shot), by_label in sorted(groups.items()):
-        rows = []
-        for lab, runs in sorted(by_label.items()):
-            ci = bootstrap_ci(list(runs.values()), metric, n_boot=2000)
+    for (fold, shot), grp in runs.groupby(["fold", "shot"]):
+        by_label = {}  # label -> manifest hash -> {class: value}
+        for r in grp.itertuples():
+            if r.run_id in per_class:
+                by_label.setdefault(r.label, {})[r.manifest_hash] = per_class[r.run_id]
+        rows, pairs = [], []
+        for lab, by_manifest in sorted(by_label.items()):
+            ci = bootstrap_ci(list(by_manifest.values()), metric, n_boot=2000)
             if ci["mean"] is not None:
                 rows.append([lab, f"{100 * ci['mean']:.1f}", f"[{100 * ci['ci_low']:.1f}, {100 * ci['ci_high']:.1f}]",
                              str(ci["n_classes"])])
-        pairs = []
         labels = sorted(by_label)
         for i, a in enumerate(labels):
             for b in labels[i + 1:]:
@@ -149,79 +96,120 @@ def statistics_section(records: list[dict], metric: str = "iou") -> str:
                 if not shared:
                     continue
                 try:
-                    cmp = paired_comparison([by_label[a][h] for h in shared], [by_label[b][h] for h in shared],
+                    cmp = paired_comparison([by_label[a][m] for m in shared], [by_label[b][m] for m in shared],
                                             metric, n_boot=2000)
-                except FdsError:  # classes differ (e.g. a run with --max-episodes): not comparable
+                except FdsError:  # classes differ: not comparable
                     continue
                 if cmp.get("mean_diff") is None:
                     continue
                 pairs.append([f"{a} − {b}", str(len(shared)), f"{100 * cmp['mean_diff']:+.1f}",
                               f"[{100 * cmp['ci_low']:+.1f}, {100 * cmp['ci_high']:+.1f}]",
                               f"{cmp['wins']}/{cmp['losses']}/{cmp['ties']}", f"{cmp['p_value']:.3g}"])
+        name = METRIC_NAMES.get(metric, metric)
+        note = records_note(grp["run_id"])
         if rows:
-            lines.append(f"### Fold {fold}, {shot}-shot: mIoU with 95 % bootstrap CI over classes\n\n"
-                         + _markdown(["method", "mIoU", "95 % CI", "classes"], rows) + "\n")
+            lines.append(f"{h} Fold {fold}, {shot}-shot: mean {name} over classes with 95 % bootstrap CI\n\n"
+                         + to_markdown(pd.DataFrame(rows, columns=["method", f"mean {name}", "95 % CI", "classes"])
+                                       .set_index("method")) + f"\n\n{note}\n")
         if pairs:
-            lines.append(f"### Fold {fold}, {shot}-shot: paired comparison on the same manifests\n\n"
-                         + _markdown(["A − B", "runs", "Δ mIoU", "95 % CI", "wins/losses/ties", "sign-flip p"],
-                                     pairs) + "\n")
-    return ("## Statistics\n\n" + "\n".join(lines)) if lines else ""
+            lines.append(f"{h} Fold {fold}, {shot}-shot: paired comparison on the same manifests\n\n"
+                         + to_markdown(pd.DataFrame(pairs, columns=["A − B", "runs", f"Δ {name}", "95 % CI",
+                                                                    "wins/losses/ties", "sign-flip p"])
+                                       .set_index("A − B")) + f"\n\n{note}\n")
+    return (f"{'#' * level} Statistics\n\n" + "\n".join(lines)) if lines else ""
 
 
-def write_leaderboards(runs_dir: Path, out: Path, metric: str = "miou") -> list[Path]:
-    """One markdown file (tables for the main metrics) and one plot per (dataset, protocol)."""
-    records = load_records(runs_dir)
-    groups = defaultdict(list)
-    for r in records:
-        groups[(r["dataset"], r["protocol"]["name"])].append(r)
+def identity_line(runs: pd.DataFrame) -> str:
+    r = runs.iloc[0]
+    opts = "" if r["dataset_options"] in ("{}", "") else f", adapter options `{r['dataset_options']}`"
+    manifests = ", ".join(f"`{m[:8]}`" for m in sorted(runs["manifest_hash"].unique()))
+    return (f"Dataset `{r['dataset']}` (content hash `{r['dataset_hash'] or 'none recorded'}`{opts}), protocol "
+            f"`{r['protocol']}` (options hash `{r['protocol_hash']}`), manifests {manifests}.")
+
+
+def identity_section(frame: pd.DataFrame, level: int, metric: str | None = None) -> str:
+    """The tables of one dataset identity and protocol (complete runs only)."""
+    h = "#" * level
+    runs = runs_of(frame)
+    done = frame[frame["complete"]]
+    proto = runs["protocol"].iloc[0]
+    parts = [identity_line(runs) + "\n"]
+    if done.empty:
+        return parts[0] + "\nNo complete run.\n"
+    if proto == "fad":
+        parts.append(f"{h} FAD: mean over categories (pooled over all categories as secondary columns)\n\n"
+                     + to_markdown(fad_frame(done)) + f"\n\n{records_note(runs_of(done)['run_id'])}\n")
+        metrics = []  # FAD runs are judged by the FAD metrics only
+    else:
+        order = TABLE_METRICS.get(proto, TABLE_METRICS["fss"])
+        metrics = ([metric] if metric else []) + [m for m in order if m != metric]
+    for m in metrics:
+        vals = run_values(done, m).dropna(subset=["value"])
+        if vals.empty:
+            continue
+        parts.append(f"{h} {METRIC_NAMES.get(m, m)}\n\n{to_markdown(fold_frame(done, m))}\n\n"
+                     f"{records_note(vals['run_id'])}\n")
+    parts.append(f"{h} Timing\n\nPredict: batch 1, after warm-up, device synchronised. Prepare: the support "
+                 f"processing of an episode (for per-support methods, the fit), timed apart; `prepare 1st` is "
+                 f"its first call, kept apart from warm-up.\n\n{to_markdown(timing_frame(done))}\n\n"
+                 f"{records_note(runs_of(done)['run_id'])}\n")
+    stat_metric = PER_CLASS_METRIC.get(PRIMARY_METRIC.get(proto, "miou"), "iou")
+    stats = statistics_section(done, stat_metric, level=level)
+    if stats:
+        parts.append(stats)
+    return "\n".join(parts)
+
+
+def incomplete_section(frame: pd.DataFrame, level: int = 2) -> str:
+    runs = runs_of(frame)
+    runs = runs[~runs["complete"]]
+    if runs.empty:
+        return ""
+    df = pd.DataFrame({"run": runs["label"] + f" {INCOMPLETE_MARK}", "run id": "`" + runs["run_id"] + "`",
+                       "fold": runs["fold"], "shot": runs["shot"],
+                       "episodes": [f"{a}/{b}" for a, b in zip(runs["episodes"], runs["episodes_total"])],
+                       "max episodes": ["–" if pd.isna(v) else str(int(v)) for v in runs["max_episodes"]]}
+                      ).set_index("run")
+    return (f"{'#' * level} Incomplete runs (in no table)\n\n{INCOMPLETE_MARK} These runs stopped before the end "
+            f"of their manifest (`--max-episodes`); their numbers are not results.\n\n{to_markdown(df)}\n")
+
+
+def leaderboard_markdown(frame: pd.DataFrame, source: str, metric: str | None = None) -> str:
+    runs = runs_of(frame)
+    dataset, proto = runs["dataset"].iloc[0], runs["protocol"].iloc[0]
+    idents = sorted(runs["identity"].unique())
+    parts = [f"# {dataset} — protocol {proto}\n",
+             f"Built by `fdsbench leaderboard` from {len(runs)} run record{'s' if len(runs) != 1 else ''} in `{source}` "
+             f"({int(runs['complete'].sum())} complete). Cells: mean ± std over runs (%), one cell per dataset "
+             f"identity, protocol, shot and fold (1-shot and 5-shot are never averaged). "
+             f"{RANDOM_MARK} = random-init weights (not the paper's numbers).\n"]
+    if len(idents) > 1:
+        parts.append(f"**{len(idents)} different datasets share the name `{dataset}`** (different content, "
+                     f"adapter options or protocol options): each has its own tables below.\n")
+    for i, ident in enumerate(idents, 1):
+        part = frame[frame["identity"] == ident]
+        if len(idents) > 1:
+            parts.append(f"## Dataset identity {i}: `{ident}`\n")
+        parts.append(identity_section(part, 2 if len(idents) == 1 else 3, metric))
+    parts.append(incomplete_section(frame))
+    return "\n".join(p for p in parts if p)
+
+
+def write_leaderboards(runs_dir: Path, out: Path, metric: str | None = None) -> list[Path]:
+    """One Markdown file and one accuracy-vs-FPS plot per (dataset, protocol), plus the tidy frame of all
+    records as ``results.csv`` and ``results.jsonl``."""
+    from .plots import fps_scatter
+
+    frame = results_frame(load_records(runs_dir))
+    out = Path(out)
     written = []
-    for (dataset, proto), recs in sorted(groups.items()):
-        metrics = [metric] + [m for m in ("miou", "fbiou", "per_image_iou", "image_auroc", "pixel_auroc",
-                                          "pixel_f1_max", "aupro") if m != metric]
-        parts = [f"# {dataset} — protocol {proto}\n",
-                 f"Built by `fdsbench leaderboard` from {len(recs)} run records in `{runs_dir}`. "
-                 f"Cells: mean ± std over runs (%). {RANDOM_MARK} = random-init weights (not the paper's numbers).\n"]
-        for m in metrics:
-            if all(r["metrics"].get(m) is None for r in recs):
-                continue
-            parts.append(f"## {METRIC_NAMES.get(m, m)}\n\n{fold_table(recs, m)}\n")
-        parts.append(f"## Timing\n\n{format_timing_table(recs)}\n")
-        stats = statistics_section(recs)
-        if stats:
-            parts.append(stats)
-        path = Path(out) / f"{dataset}_{proto}.md"
-        atomic_write_text(path, "\n".join(parts))
+    if frame.empty:
+        return written
+    for (dataset, proto), part in frame.groupby(["dataset", "protocol"], sort=True):
+        path = out / f"{dataset}_{proto}.md"
+        atomic_write_text(path, leaderboard_markdown(part, str(runs_dir), metric))
         written.append(path)
-        written.append(_plot(recs, Path(out) / f"{dataset}_{proto}.png", metric))
+        m = metric if metric and proto != "fad" else PRIMARY_METRIC.get(proto, "miou")
+        written.append(fps_scatter(part, out / f"{dataset}_{proto}.png", m))
+    written += write_frame(frame, out)
     return written
-
-
-def _plot(records: list[dict], path: Path, metric: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = defaultdict(lambda: ([], []))
-    for r in records:
-        fps = (r.get("timing") or {}).get("fps")
-        val = r["metrics"].get(metric)
-        if fps is not None and val is not None:
-            pts[label(r)][0].append(fps)
-            pts[label(r)][1].append(100 * val)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for lab, (x, y) in sorted(pts.items()):
-        ax.scatter(np.mean(x), np.mean(y), label=lab)
-    ax.set_xscale("log")
-    ax.set_xlabel("FPS (queries/s, predict only)")
-    ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} (%)")
-    ax.set_title(f"{records[0]['dataset']} — {records[0]['protocol']['name']}")
-    if pts:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path

@@ -1,14 +1,23 @@
 import json
 
-from fdsbench.leaderboard import fold_table, statistics_section, write_leaderboards
+from synthetic_records import make_record
+
+from fdsbench.leaderboard import fold_table, format_run_table, statistics_section, write_leaderboards
 
 
 def record(method, fold, shot, seed, miou, per_class, random=True, preset="cpu"):
+    """A record written before complete/aggregation/method_label existed (legacy reader path)."""
     return {"run_id": f"{method}_{fold}_{shot}_{seed}", "method": method, "preset": preset, "dataset": "synthetic",
             "protocol": {"name": "fss"}, "fold": fold, "shot": shot, "seed": seed, "manifest_hash": f"m{fold}{shot}{seed}",
             "weights": {"bb": "random-init" if random else "abc"}, "device": "cpu", "precision": "fp32",
             "environment": {"device_name": "cpu"}, "timing": {"fps": 10.0, "predict": {"p50_s": 0.1}},
             "metrics": {"miou": miou, "fbiou": 0.5, "per_class": {c: {"iou": v} for c, v in per_class.items()}}}
+
+
+def write(runs, records):
+    runs.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        (runs / f"{r['run_id']}.json").write_text(json.dumps(r))
 
 
 def test_fold_table_has_the_papers_shape():
@@ -30,6 +39,12 @@ def test_mean_needs_every_fold():
     assert rows["a [cpu]†"].rstrip(" |").endswith("–") and "30.0" in rows["b [cpu]†"]
 
 
+def test_shots_are_never_averaged():
+    table = fold_table([make_record("a", shot=1, per_class={"o/1": 0.1}), make_record("a", shot=5, per_class={"o/1": 0.5})])
+    row = table.splitlines()[2]
+    assert "10.0" in row and "50.0" in row and "30.0" not in row
+
+
 def test_paired_comparison_on_shared_manifests():
     classes = {f"o/{k}": 0.1 * k for k in range(1, 6)}
     better = {c: v + 0.1 for c, v in classes.items()}
@@ -37,15 +52,71 @@ def test_paired_comparison_on_shared_manifests():
            [record("b", 0, 1, s, 0.2, classes, random=False) for s in range(2)]
     text = statistics_section(recs)
     assert "a [cpu] − b [cpu]" in text and "+10.0" in text and "5/0/0" in text
+    assert "Built from 4 run records" in text
 
 
 def test_write_leaderboards(tmp_path):
     runs = tmp_path / "runs"
-    runs.mkdir()
-    for i, r in enumerate([record("a", 0, 1, 0, 0.3, {"o/1": 0.3}), record("b", 0, 1, 0, 0.2, {"o/1": 0.2})]):
-        (runs / f"{i}.json").write_text(json.dumps(r))
+    write(runs, [record("a", 0, 1, 0, 0.3, {"o/1": 0.3}), record("b", 0, 1, 0, 0.2, {"o/1": 0.2})])
     (runs / "x.partial.pkl").write_bytes(b"junk")
     paths = write_leaderboards(runs, tmp_path / "lb")
     md = (tmp_path / "lb" / "synthetic_fss.md").read_text()
     assert "## mIoU" in md and "## Timing" in md and "† = random-init" in md
-    assert (tmp_path / "lb" / "synthetic_fss.png").exists() and len(paths) == 2
+    assert "Built from 2 run records: `a_0_1_0`, `b_0_1_0`" in md
+    assert (tmp_path / "lb" / "synthetic_fss.png").exists()
+    assert {p.name for p in paths} == {"synthetic_fss.md", "synthetic_fss.png", "results.csv", "results.jsonl"}
+
+
+def test_two_datasets_with_one_name_are_two_groups(tmp_path):
+    """Three folder trees were once one cell '20.6 ± 17.2': the dataset identity (hash) separates them."""
+    recs = [make_record("proto", "folder", per_class={"o/1": 0.1}, dataset_hash="1111aaaa00000000"),
+            make_record("proto", "folder", per_class={"o/1": 0.4}, dataset_hash="2222bbbb00000000")]
+    write(tmp_path / "runs", recs)
+    write_leaderboards(tmp_path / "runs", tmp_path / "lb")
+    md = (tmp_path / "lb" / "folder_fss.md").read_text()
+    assert "2 different datasets share the name `folder`" in md
+    assert md.count("## Dataset identity") == 2 and "1111aaaa" in md and "2222bbbb" in md
+    assert "| 10.0 " in md and "| 40.0 " in md and "25.0" not in md and " ± 2" not in md
+
+
+def test_incomplete_runs_are_listed_apart(tmp_path):
+    full = make_record("proto", per_class={"o/1": 0.3, "o/2": 0.1})
+    cut = make_record("sofs", per_class={"o/1": 0.9}, episodes=3, episodes_total=120)
+    legacy_cut = make_record("sam2", per_class={"o/1": 0.8}, episodes=2, episodes_total=20, legacy=True)
+    write(tmp_path / "runs", [full, cut, legacy_cut])
+    write_leaderboards(tmp_path / "runs", tmp_path / "lb")
+    md = (tmp_path / "lb" / "synthetic_fss.md").read_text()
+    tables, apart = md.split("## Incomplete runs")
+    assert "sofs" not in tables and "sam2" not in tables and "90.0" not in tables
+    assert "sofs [cpu]† ⚠" in apart and "3/120" in apart and "sam2 [cpu]† ⚠" in apart and "2/20" in apart
+    assert "⚠" in format_run_table([cut]) and "⚠" not in format_run_table([full])
+
+
+def test_fad_shows_fad_metrics_with_pooled_secondary(tmp_path):
+    fad = {"image_auroc": (0.91, 0.81), "pixel_auroc": (0.95, 0.9), "pixel_f1_max": (0.5, 0.4), "aupro": (0.7, 0.6)}
+    write(tmp_path / "runs", [make_record("sofs", "mvtec_ad", "fad", per_class={"bottle/*": None}, fad=fad)])
+    write_leaderboards(tmp_path / "runs", tmp_path / "lb")
+    md = (tmp_path / "lb" / "mvtec_ad_fad.md").read_text()
+    assert "mIoU" not in md and "## FAD: mean over categories" in md
+    assert "1-shot image AUROC (pooled)" in md and "91.0" in md and "81.0" in md
+
+
+def test_timing_table_has_dataset_shot_and_prepare(tmp_path):
+    write(tmp_path / "runs", [make_record("nbr_cap", "synthetic", "per_support", per_class={"o/*": 0.2})])
+    write_leaderboards(tmp_path / "runs", tmp_path / "lb")
+    md = (tmp_path / "lb" / "synthetic_per_support.md").read_text()
+    timing = md.split("## Timing")[1]
+    for col in ("dataset", "shot", "prepare p50 ms", "prepare 1st ms", "prepare calls"):
+        assert col in timing.splitlines()[4]
+    assert "| 50.0 " in timing and "| 80.0 " in timing
+    assert md.index("## per-image IoU") < md.index("## mIoU")  # per_support is judged by per-image IoU
+
+
+def test_rows_use_the_method_label_and_split_configs():
+    recs = [make_record("sofs", label="sofs (heat)", per_class={"o/1": 0.2}, config_hash="aaaaaa0000000000"),
+            make_record("sofs", label="sofs (binary)", per_class={"o/1": 0.3}, config_hash="bbbbbb0000000000"),
+            make_record("proto", per_class={"o/1": 0.15}, config_hash="cccccc0000000000", seed=0),
+            make_record("proto", per_class={"o/1": 0.55}, config_hash="dddddd0000000000", seed=1)]
+    table = fold_table(recs)
+    assert "sofs (heat) [cpu]†" in table and "sofs (binary) [cpu]†" in table
+    assert "proto [cpu]† #cccccc" in table and "proto [cpu]† #dddddd" in table and "35.0" not in table
