@@ -1,0 +1,279 @@
+"""The episode data pipeline: decoding that overlaps with the method, a bounded decoded-image
+cache, and an ordered background worker for scoring.
+
+* :func:`decode_image` is OpenCV's decoder (``cv2.imdecode``, libpng / libjpeg-turbo) wherever it
+  gives the same pixels as Pillow's ``Image.open(...).convert("RGB")`` (8-bit PNG, JPEG and BMP in
+  the grey, palette, RGB(A) and 1-bit modes; tested pixel for pixel); anything else (16-bit, CMYK,
+  other formats) goes through Pillow, the reference decoder of :func:`fdsbench.io.read_image`.
+* :class:`DecodedCache` keeps decoded images and ground-truth masks up to a byte budget (least
+  recently used out first): supports and queries recur across episodes of a manifest.
+* :class:`EpisodeLoader` decodes an episode's support set and queries; :meth:`EpisodeLoader.iterate`
+  does it ahead of the method on ``workers`` threads (decoding releases the GIL), handing episodes
+  and queries out in manifest order, so results do not depend on the number of workers. Nothing
+  here draws random numbers: the episode's seed is set by the runner just before ``prepare``.
+* :class:`OrderedWorker` runs callables one after the other on a background thread (the runner's
+  validation and metric updates), so they overlap with the next ``predict``.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .data import DatasetAdapter, resize_bilinear
+from .errors import DataError, FdsError
+from .episodes import Manifest
+from .io import read_image
+from .seeding import derive_seed
+from .types import Episode, NormalPool, Query, Shot, SupportSet
+
+DEFAULT_CACHE_MB = 512
+# formats and modes where OpenCV's decode equals Pillow's convert("RGB") (tests/test_loading.py)
+_CV2_FORMATS = {"PNG", "JPEG", "BMP"}
+_CV2_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """RGB uint8 [H, W, 3], writable; pixel-identical to :func:`fdsbench.io.read_image`, faster."""
+    import cv2
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # header only: format and mode
+            fast = im.format in _CV2_FORMATS and im.mode in _CV2_MODES
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        fast = False  # let the reference decoder name the problem
+    if fast:
+        # IMREAD_UNCHANGED: no EXIF rotation and no grey->colour conversion rules of OpenCV's own
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if arr is not None and arr.dtype == np.uint8:
+            if arr.ndim == 2:
+                return np.repeat(arr[:, :, None], 3, axis=2)
+            if arr.shape[2] == 3:
+                return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+            if arr.shape[2] == 4:
+                return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
+    return read_image(path)
+
+
+class DecodedCache:
+    """Thread-safe LRU of decoded arrays bounded by ``max_bytes`` (0 disables it). ``get`` returns
+    the cached array itself: callers that hand it to a method copy it first."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._items: collections.OrderedDict = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key, make: Callable[[], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            self.misses += 1
+        value = make()  # outside the lock: other threads keep decoding meanwhile
+        if self.max_bytes <= 0 or value.nbytes > self.max_bytes:
+            return value
+        value.setflags(write=False)  # a cached array is shared: nobody may change it
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = value
+                self._bytes += value.nbytes
+                while self._bytes > self.max_bytes:
+                    _, old = self._items.popitem(last=False)
+                    self._bytes -= old.nbytes
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class EpisodeLoader:
+    """Decodes an episode's support set and queries from the dataset. Ground truth = the episode's
+    class only (the union of all defects for ``"<object>/*"`` episodes); a query without a mask of
+    its class (user folders: predict-only queries) has ground truth ``None``. With the protocol's
+    ``resize`` set, images and masks are decoded at that size. Images handed to the method are
+    fresh writable copies; ground truth (read by the meters only) is shared with the cache."""
+
+    def __init__(self, ds: DatasetAdapter, method_cls: type, manifest: Manifest,
+                 cache_mb: float = DEFAULT_CACHE_MB):
+        self.ds, self.method_cls, self.manifest = ds, method_cls, manifest
+        resize = (manifest.protocol or {}).get("resize")
+        self.size = tuple(resize) if resize else None
+        self.cache = DecodedCache(int(cache_mb * 2 ** 20))
+        ds.index  # noqa: B018 - build the (cached) index before worker threads read it
+
+    # ---- decoding ----------------------------------------------------------------------------
+    def _image(self, image_id: str, size: tuple[int, int] | None) -> np.ndarray:
+        def make():
+            img = decode_image(self.ds.root / self.ds.record(image_id).path)
+            return img if size is None else resize_bilinear(img, size)
+        return self.cache.get(("image", image_id, size), make)
+
+    def image(self, image_id: str) -> np.ndarray:
+        """RGB uint8 [H, W, 3] at the protocol's size (a copy the caller owns)."""
+        return self._image(image_id, self.size).copy()
+
+    def normal_image(self, image_id: str) -> np.ndarray:
+        """A normal-pool image at its original size, as ``DatasetAdapter.normal_pool`` gives it."""
+        return self._image(image_id, None).copy()
+
+    def _mask(self, image_id: str, cls: str) -> np.ndarray:
+        if cls == "*" and not self.ds.record(image_id).masks:
+            return np.zeros(self.size or self._image(image_id, None).shape[:2], bool)
+        return self.cache.get(("mask", image_id, cls, self.size),
+                              lambda: self.ds.load_mask(image_id, cls, size=self.size))
+
+    def gt(self, image_id: str, ep: Episode) -> np.ndarray | None:
+        cls = ep.defect_class
+        if cls != "*" and cls not in self.ds.record(image_id).masks:
+            if self.ds.record(image_id).split == "query":
+                return None
+            raise FdsError(f"query {image_id} has no mask of class {cls}")
+        return self._mask(image_id, cls)
+
+    def support(self, ep: Episode) -> SupportSet:
+        shots = []
+        fad = ep.defect_class == "*" and self.manifest.protocol.get("name") == "fad"
+        for ref in ep.supports:
+            image = self.image(ref.id)
+            mask = np.zeros(image.shape[:2], bool) if fad else self.gt(ref.id, ep).copy()
+            if mask.shape != image.shape[:2]:
+                raise FdsError(f"mask of {ref.id} is {mask.shape}, image is {image.shape[:2]}")
+            shots.append(Shot(ref.id, image, mask, ref.crops))
+        pool = None
+        if self.method_cls.requires.normal_pool:
+            ids = self.ds.normal_pool(ep.object).ids
+            if len(ids) == 0:
+                raise FdsError(f"method '{self.method_cls.name}' needs defect-free images of product "
+                               f"'{ep.object}', and dataset '{self.ds.name}' has none: not applicable (N/A)")
+            pool = NormalPool(ids, self.normal_image)
+        return SupportSet(ep.class_key, shots, derive_seed(self.manifest.hash, ep.index), pool, ep.index)
+
+    def query(self, image_id: str) -> Query:
+        return Query(image_id, self.image(image_id))
+
+    def scored(self, image_id: str, ep: Episode) -> bool:
+        """Whether query ``image_id`` of ``ep`` has ground truth (is scored), as :meth:`gt` decides."""
+        rec = self.ds.record(image_id)
+        return ep.defect_class == "*" or ep.defect_class in rec.masks or rec.split != "query"
+
+    # ---- prefetching -------------------------------------------------------------------------
+    def iterate(self, episodes: Iterable[Episode], workers: int = 0, lookahead: int | None = None
+                ) -> Iterator[tuple[Episode, SupportSet, Iterator[tuple[Query, np.ndarray | None]]]]:
+        """(episode, support set, queries) in the given order; ``queries`` yields (query, ground
+        truth) in the episode's order and must be consumed before the next episode is asked for.
+        ``workers`` > 0 decodes up to ``lookahead`` items (supports and queries) ahead on that many
+        threads; 0 decodes each item when it is needed."""
+        episodes = list(episodes)
+        items = []
+        for ep in episodes:
+            items.append((ep, None))
+            items += [(ep, qid) for qid in ep.queries]
+
+        def load(item):
+            ep, qid = item
+            return self.support(ep) if qid is None else (self.query(qid), self.gt(qid, ep))
+
+        if workers <= 0:
+            results: Iterator = map(load, items)
+            pool = None
+        else:
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="fdsbench-load")
+            results = _ordered(pool, load, items, lookahead or 4 * workers + 2)
+        try:
+            for ep in episodes:
+                support = next(results)
+                yield ep, support, (next(results) for _ in ep.queries)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ordered(pool: ThreadPoolExecutor, fn, items: list, depth: int) -> Iterator:
+    """``map(fn, items)`` on ``pool`` with at most ``depth`` results pending, in input order."""
+    pending: collections.deque = collections.deque()
+    it = iter(items)
+    for item in it:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= depth:
+            break
+    while pending:
+        result = pending.popleft().result()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(pool.submit(fn, nxt))
+        yield result
+
+
+def host_array(pred):
+    """A method's output as a host array the harness owns: tensors are copied off the device (a
+    compiled or graph-captured model may reuse its output buffer in the next call); arrays pass."""
+    if hasattr(pred, "detach") and hasattr(pred, "cpu"):
+        t = pred.detach().float()
+        return (t.cpu() if t.device.type != "cpu" else t.clone()).numpy()
+    return pred
+
+
+class OrderedWorker:
+    """Runs submitted callables in submission order on one background thread (``enabled=False``:
+    right away, on the caller's thread). At most ``depth`` calls wait; ``submit`` blocks beyond
+    that. The first exception is raised again by the next ``submit`` or ``join``."""
+
+    def __init__(self, enabled: bool = True, depth: int = 8):
+        self.enabled = enabled
+        self._error: BaseException | None = None
+        if enabled:
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._loop, name="fdsbench-score", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    job[0](*job[1])
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller's thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def submit(self, fn: Callable, *args) -> None:
+        if not self.enabled:
+            fn(*args)
+            return
+        self._raise()
+        self._queue.put((fn, args))
+
+    def join(self) -> None:
+        """Wait until every submitted call has run."""
+        if self.enabled:
+            self._queue.join()
+            self._raise()
+
+    def close(self) -> None:
+        """Stop the thread after the calls already submitted (errors of those are dropped)."""
+        if self.enabled and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()

@@ -1,0 +1,138 @@
+"""The episode pipeline: fast decoding equal to the reference decoder, bounded cache, background
+loading and scoring that change no number (any worker count, resumed runs), binned scores from the CLI."""
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fdsbench.cli import main
+from fdsbench.io import read_image
+from fdsbench.loading import DecodedCache, EpisodeLoader, OrderedWorker, decode_image
+from fdsbench.method import Method
+from fdsbench.registry import register_method
+from fdsbench.runner import BenchSpec, run
+from fdsbench.types import Requirements
+
+STOP = {"at": None, "calls": 0}
+
+
+@register_method("loading_probe")
+class LoadingProbe(Method):
+    """Test method: mean-colour distance map (cheap, depends on every pixel of support and query)."""
+
+    requires = Requirements()
+
+    @dataclass
+    class Config:
+        scale: float = 60.0
+
+    def prepare(self, support):
+        return np.concatenate([s.image[s.mask] for s in support.shots]).mean(0)
+
+    def predict(self, state, query):
+        STOP["calls"] += 1
+        if STOP["at"] is not None and STOP["calls"] >= STOP["at"]:
+            raise KeyboardInterrupt
+        d = np.sqrt(((query.image.astype(np.float32) - state) ** 2).sum(-1))
+        return np.exp(-d / self.config.scale).astype(np.float32)
+
+
+def _images(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(rgb).resize((53, 37), Image.BILINEAR))
+    out = {"rgb.png": (Image.fromarray(rgb), {}), "L.png": (Image.fromarray(rgb[..., 0]), {}),
+           "RGBA.png": (Image.fromarray(np.dstack([rgb, rgb[..., :1]])), {}),
+           "LA.png": (Image.fromarray(rgb[..., :2], "LA"), {}),
+           "P.png": (Image.fromarray(rgb).quantize(16), {}), "1.png": (Image.fromarray(rgb[..., 0] > 99), {}),
+           "I16.png": (Image.fromarray(rgb[..., 0].astype(np.uint16) * 200), {}),
+           "q95.jpg": (Image.fromarray(smooth), {"quality": 95, "subsampling": 0}),
+           "q75.jpg": (Image.fromarray(smooth), {"quality": 75, "subsampling": 2}),
+           "grey.jpg": (Image.fromarray(smooth[..., 0]), {"quality": 90}),
+           "cmyk.jpg": (Image.fromarray(smooth).convert("CMYK"), {"quality": 90}),
+           "rgb.bmp": (Image.fromarray(rgb), {}), "rgb.tif": (Image.fromarray(rgb), {})}
+    for name, (im, kw) in out.items():
+        im.save(tmp_path / name, **kw)
+    return [tmp_path / n for n in out]
+
+
+def test_fast_decoder_gives_the_reference_pixels(tmp_path, synthetic):
+    paths = _images(tmp_path) + [synthetic.root / r.path for r in list(synthetic.index.records.values())[:12]]
+    for p in paths:
+        ref, fast = read_image(p), decode_image(p)
+        assert fast.dtype == np.uint8 and fast.flags.writeable and fast.shape == ref.shape, p
+        assert np.array_equal(fast, ref), p
+
+
+def test_cache_is_bounded_and_shared_arrays_are_read_only():
+    cache = DecodedCache(max_bytes=3000)
+    for i in range(10):
+        a = cache.get(i, lambda: np.zeros(1000, np.uint8))
+        assert not a.flags.writeable
+    assert len(cache) == 3 and cache.misses == 10
+    cache.get(9, lambda: pytest.fail("cached"))
+    assert cache.hits == 1
+
+
+def test_loader_hands_out_copies_in_manifest_order(synthetic, tmp_path):
+    from fdsbench.episodes import get_manifest, resolve_protocol
+
+    m = get_manifest(tmp_path, synthetic, 1, 1, 0, resolve_protocol("fss", 1, {}, synthetic.protocol_defaults))
+    loader = EpisodeLoader(synthetic, LoadingProbe, m)
+    eps = m.episodes[:6]
+    seen = []
+    for ep, support, queries in loader.iterate(eps, workers=2):
+        support.shots[0].image[:] = 0  # a method scribbling on its input must not reach the cache
+        for q, gt in queries:
+            assert np.array_equal(q.image, synthetic.load_image(q.id)) and q.image.flags.writeable
+            assert np.array_equal(gt, synthetic.load_mask(q.id, ep.defect_class))
+            seen.append((ep.index, q.id))
+        assert np.array_equal(loader.image(ep.supports[0].id), synthetic.load_image(ep.supports[0].id))
+    assert seen == [(e.index, q) for e in eps for q in e.queries]
+
+
+def test_ordered_worker_keeps_order_and_reports_errors():
+    out = []
+    w = OrderedWorker(depth=2)
+    for i in range(20):
+        w.submit(lambda i=i: (time.sleep(0.001 * (i % 3)), out.append(i)))
+    w.join()
+    assert out == list(range(20))
+    w.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        w.join()
+    w.close()
+    assert not any(t.name == "fdsbench-score" and t.is_alive() for t in threading.enumerate() if t is w._thread)
+
+
+def _spec(workdir, **kw):
+    base = dict(method="loading_probe", dataset="synthetic", fold=1, workdir=str(workdir), progress=False,
+                checkpoint_every_s=1e-9, max_episodes=6)
+    return BenchSpec(**{**base, **kw})
+
+
+def test_same_record_for_any_worker_count_and_after_resume(synthetic, tmp_path):
+    STOP.update(at=None, calls=0)
+    recs = {w: run(_spec(tmp_path / f"w{w}", workers=w), log=lambda m: None)[0] for w in (0, 1, 2)}
+    assert recs[0]["metrics"] == recs[1]["metrics"] == recs[2]["metrics"]
+    assert recs[0]["metrics"]["n_queries"] == 6
+    STOP.update(at=4, calls=0)
+    with pytest.raises(KeyboardInterrupt):
+        run(_spec(tmp_path / "resumed", workers=2), log=lambda m: None)
+    STOP.update(at=None, calls=0)
+    resumed = run(_spec(tmp_path / "resumed", workers=2), log=lambda m: None)[0]
+    assert STOP["calls"] < 6  # finished episodes were not redone
+    assert resumed["metrics"] == recs[0]["metrics"]
+
+
+def test_binned_scores_from_the_cli(synthetic, tmp_path, capsys):
+    args = ["bench", "--method", "proto", "--preset", "test", "--fold", "1", "--max-episodes", "3",
+            "--no-progress", "--workdir", str(tmp_path), "--scores", "binned", "--workers", "1"]
+    assert main(args) == 0
+    rec = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
+    assert rec["metrics"]["score_mode"] == "binned" and rec["metrics"]["bins"] > 0
+    assert rec["metrics"]["pixel_auroc_error_bound"] > 0
