@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fdsbench.backbones import build_backbone, imagenet_normalize  # noqa: E402
-from fdsbench.features import CachedBackbone  # noqa: E402
+from fdsbench.blocks.backbones import build_backbone, imagenet_normalize  # noqa: E402
+from fdsbench.blocks.features import CachedBackbone  # noqa: E402
 
 
 def windows(h: int, w: int, size: int):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fdsbench.backbones import backbone_names, build_backbone, merge_layer23
+from fdsbench.blocks.backbones import backbone_names, build_backbone, merge_layer23
 from fdsbench.errors import FdsError, UnknownNameError, WeightsError
 from fdsbench.netguard import no_network  # noqa: F401  (pytest fixture)
 
@@ -188,7 +188,7 @@ def test_torchvision_key_names_and_trainable_option():
 
 @pytest.mark.parametrize("name", ["dinov2_vits14", "resnet34"])
 def test_state_dict_round_trips_strictly(tmp_path, name, no_network):
-    from fdsbench.backbones import load_backbone_weights
+    from fdsbench.blocks.backbones import load_backbone_weights
 
     a = build_backbone(name, weights="random", seed=3)
     path = tmp_path / f"{name}-own.pth"

@@ -4,7 +4,7 @@ named like the official one but computes the same function."""
 import pytest
 import torch
 
-from fdsbench.backbones import build_backbone
+from fdsbench.blocks.backbones import build_backbone
 
 timm = pytest.importorskip("timm")
 

@@ -3,9 +3,9 @@ on-disk persistence across instances, keys that separate encoders, weights, laye
 import pytest
 import torch
 
-from fdsbench.backbones import build_backbone
+from fdsbench.blocks.backbones import build_backbone
 from fdsbench.errors import FdsError
-from fdsbench.features import CachedBackbone
+from fdsbench.blocks.features import CachedBackbone
 
 LAYERS = ("layer2", "layer3")
 

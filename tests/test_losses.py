@@ -1,8 +1,8 @@
-"""Mixed normal Dice loss (SOFS Eq. 6), plain Dice and CE (fdsbench.losses)."""
+"""Mixed normal Dice loss (SOFS Eq. 6), plain Dice and CE (fdsbench.blocks.losses)."""
 import pytest
 import torch
 
-from fdsbench.losses import binary_cross_entropy, dice_ce_loss, dice_loss, mixed_normal_dice_loss
+from fdsbench.blocks.losses import binary_cross_entropy, dice_ce_loss, dice_loss, mixed_normal_dice_loss
 
 
 def test_mndl_equals_dice_on_defect_targets():

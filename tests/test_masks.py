@@ -1,10 +1,10 @@
-"""Mask downsampling (PFIM vs bilinear/nearest) and masked average pooling (fdsbench.masks)."""
+"""Mask downsampling (PFIM vs bilinear/nearest) and masked average pooling (fdsbench.blocks.masks)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fdsbench.errors import FdsError
-from fdsbench.masks import downsample_mask, prototype_intensity_downsample, weighted_gap
+from fdsbench.blocks.masks import downsample_mask, prototype_intensity_downsample, weighted_gap
 
 
 def planted(h=56, w=56, pixels=((20, 30), (20, 31), (21, 30))):

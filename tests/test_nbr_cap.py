@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fdsbench.backbones import build_backbone
+from fdsbench.blocks.backbones import build_backbone
 from fdsbench.errors import FdsError
 from fdsbench.methods.nbr_cap import ABLATIONS, NBRCaP, NBRCaPConfig
 from fdsbench.methods.nbr_cap import losses as L

@@ -176,8 +176,8 @@ def test_overfits_one_episode():
     """Trained on one episode, SOFS segments that episode's query (pixel IoU > 0.9 at the original
     size). The logits live on the stride-8 grid and are upsampled bilinearly, so the boundary can
     move by up to ~4 px; the defect is made large enough (144 px) for that not to dominate."""
-    from fdsbench.losses import dice_ce_loss
-    from fdsbench.tiling import image_to_tensor, mask_to_tensor
+    from fdsbench.blocks.losses import dice_ce_loss
+    from fdsbench.blocks.tiling import image_to_tensor, mask_to_tensor
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is much faster on a shared 2-core machine

@@ -1,12 +1,12 @@
-"""NR episodic sampler (fdsbench.nr), the shared training loop (fdsbench.training) and SOFS fit/resume."""
+"""NR episodic sampler (fdsbench.blocks.nr), the shared training loop (fdsbench.blocks.training) and SOFS fit/resume."""
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from fdsbench.errors import FdsError
-from fdsbench.nr import EpisodeSampler, NRSettings, augment
-from fdsbench.training import TrainLoop, latest_checkpoint, param_groups, poly_lr
+from fdsbench.blocks.nr import EpisodeSampler, NRSettings, augment
+from fdsbench.blocks.training import TrainLoop, latest_checkpoint, param_groups, poly_lr
 from fdsbench.types import TrainSource
 
 

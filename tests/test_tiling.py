@@ -1,11 +1,11 @@
-"""Sliding-window tiler, stitching and the whole-image path (fdsbench.tiling, protocol-sofs §5)."""
+"""Sliding-window tiler, stitching and the whole-image path (fdsbench.blocks.tiling, protocol-sofs §5)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from fdsbench.tiling import (Stitcher, image_to_tensor, longest_side_size, mask_to_tensor, predict_sliding,
+from fdsbench.blocks.tiling import (Stitcher, image_to_tensor, longest_side_size, mask_to_tensor, predict_sliding,
                              predict_whole, window_boxes)
 
 

@@ -51,8 +51,8 @@ def test_guard_allow_loopback_and_nesting():
 def test_build_and_load_weights_offline(tmp_path, monkeypatch, no_network):
     """Build, save, resolve, verify and load with the guard on: the code path opens no socket."""
     from fdsbench import weights as W
-    from fdsbench.backbones import build_backbone
-    from fdsbench.features import CachedBackbone
+    from fdsbench.blocks.backbones import build_backbone
+    from fdsbench.blocks.features import CachedBackbone
 
     monkeypatch.setenv("FDSBENCH_WEIGHTS", str(tmp_path))
     monkeypatch.setenv("FDSBENCH_CACHE", str(tmp_path / "cache"))

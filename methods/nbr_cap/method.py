@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from fdsbench.backbones import build_backbone
+from fdsbench.blocks.backbones import build_backbone
 from fdsbench.config import config_dict, config_hash
 from fdsbench.errors import FdsError
 from fdsbench.io import atomic_write_bytes, content_hash

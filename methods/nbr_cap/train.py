@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from fdsbench.backbones import imagenet_normalize
+from fdsbench.blocks.backbones import imagenet_normalize
 from fdsbench.errors import FdsError
 
 from .losses import bce_per_image, crop_and_paste, nbr_loss, realism_weight

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fdsbench.backbones import build_backbone, imagenet_normalize
-from fdsbench.features import CachedBackbone
+from fdsbench.blocks.backbones import build_backbone, imagenet_normalize
+from fdsbench.blocks.features import CachedBackbone
 from fdsbench.method import Method
 from fdsbench.registry import register_method
 from fdsbench.types import Requirements

@@ -3,7 +3,7 @@
 prepare(): the support views of the protocol (manifest crops at native resolution: 1-shot = 4 crops
 of one image, 5-shot = 1 crop per image; a large-defect support without crops is resized whole and
 repeated s_in_shot times), encoded once (backbone features, prototypes, support self-attention).
-predict(): sliding windows at native resolution (fdsbench.tiling, §5.1), or the whole-image resize
+predict(): sliding windows at native resolution (fdsbench.blocks.tiling, §5.1), or the whole-image resize
 path when every support is large (§5.2) — also the FAD path (normal supports come without crops);
 returns the stitched probability map at the original size. With all support masks empty the output
 is the abnormal prior (FAD, §2.10). fit(): NR episodic training with MNDL + 0.01 CE (§4-5).
@@ -18,15 +18,15 @@ import numpy as np
 import torch
 
 from fdsbench import weights as W
-from fdsbench.backbones import build_backbone, merge_layer23
+from fdsbench.blocks.backbones import build_backbone, merge_layer23
 from fdsbench.config import config_hash
 from fdsbench.errors import FdsError
-from fdsbench.losses import dice_ce_loss
+from fdsbench.blocks.losses import dice_ce_loss
 from fdsbench.method import Method
-from fdsbench.nr import EpisodeSampler, NRSettings
+from fdsbench.blocks.nr import EpisodeSampler, NRSettings
 from fdsbench.registry import register_method
-from fdsbench.tiling import image_to_tensor, mask_to_tensor, predict_sliding, predict_whole
-from fdsbench.training import TrainLoop, param_groups, trainable_state
+from fdsbench.blocks.tiling import image_to_tensor, mask_to_tensor, predict_sliding, predict_whole
+from fdsbench.blocks.training import TrainLoop, param_groups, trainable_state
 from fdsbench.types import Query, Requirements, SupportSet, TrainSource
 
 from .model import SOFS, _same_map

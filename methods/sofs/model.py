@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdsbench.masks import downsample_mask, weighted_gap
+from fdsbench.blocks.masks import downsample_mask, weighted_gap
 
 PRIOR_SCALE = 10.0  # both prior stacks are multiplied by 10 before the merge conv ("follow HDMNet")
 COS_EPS = 1e-7

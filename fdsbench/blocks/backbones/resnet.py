@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ..errors import FdsError
+from ...errors import FdsError
 from .base import BackboneMixin
 
 STAGES = ("relu", "maxpool", "layer1", "layer2", "layer3", "layer4")

@@ -1,6 +1,6 @@
 """Shared pretrained encoders (frozen by default) for every method.
 
->>> from fdsbench.backbones import build_backbone, merge_layer23
+>>> from fdsbench.blocks.backbones import build_backbone, merge_layer23
 >>> bb = build_backbone("dinov2_vitb14", weights="random")          # explicit random init
 >>> feats = bb.forward_features(x, layers=(5, 6, 7, 8, 9, 10))     # 6 x [B, 768, H/14, W/14]
 >>> rn = build_backbone("resnet50", weights="random")
@@ -21,8 +21,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .. import weights as W
-from ..errors import FdsError, UnknownNameError
+from ... import weights as W
+from ...errors import FdsError, UnknownNameError
 from .base import IMAGENET_MEAN, IMAGENET_STD, RANDOM_INIT, BackboneMixin, imagenet_normalize, state_fingerprint
 from .merge import merge_layer23
 from .resnet import RESNET_CONFIGS, ResNetBackbone, build_resnet

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import FdsError
+from ...errors import FdsError
 from .base import BackboneMixin
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import FdsError
+from ..errors import FdsError
 
 SMOOTH = 1e-5  # smooth_nr_defect of the official dice_binary_loss
 

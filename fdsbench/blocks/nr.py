@@ -28,11 +28,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .crops import sample_crop
-from .errors import FdsError
-from .seeding import derive_seed
+from ..crops import sample_crop
+from ..errors import FdsError
+from ..seeding import derive_seed
 from .tiling import IMAGENET_MEAN, image_to_tensor, mask_to_tensor
-from .types import TrainSource, crop
+from ..types import TrainSource, crop
 
 
 # ---- augmentations (§3.7) ----------------------------------------------------------------------

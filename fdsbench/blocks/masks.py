@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import FdsError
+from ..errors import FdsError
 
 MODES = ("pfim", "nearest", "bilinear")
 

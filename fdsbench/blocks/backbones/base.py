@@ -38,7 +38,7 @@ def state_fingerprint(module: nn.Module, length: int = 16) -> str:
 class BackboneMixin:
     """Mixed into every backbone ``nn.Module``.
 
-    Attributes set by :func:`fdsbench.backbones.build_backbone`:
+    Attributes set by :func:`fdsbench.blocks.backbones.build_backbone`:
     ``name`` (registry name), ``provenance`` ({"name", "sha256" or "random-init", "path"}),
     ``strides`` (layer -> stride in input pixels), ``channels`` (layer -> channels),
     ``frozen`` (True: requires_grad False, eval mode kept even if a parent calls ``.train()``,

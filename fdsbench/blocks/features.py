@@ -30,8 +30,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import FdsError
-from .io import atomic_write_bytes, canonical_json
+from ..errors import FdsError
+from ..io import atomic_write_bytes, canonical_json
 
 DEFAULT_MAX_BYTES = 2 << 30
 

@@ -20,9 +20,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import FdsError
-from .io import atomic_write_bytes
-from .seeding import seed_everything
+from ..errors import FdsError
+from ..io import atomic_write_bytes
+from ..seeding import seed_everything
 
 CKPT_RE = re.compile(r"^epoch_(\d+)\.pt$")
 
