@@ -11,6 +11,7 @@ image AUROC, pixel AUROC, F1-max and AUPRO, with the pooled values as secondary 
 from. Methods run with random weights are marked †."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -66,7 +67,16 @@ def fold_table(data, metric: str = "miou") -> str:
     return to_markdown(fold_frame(data, metric))
 
 
-def statistics_section(data, metric: str = "iou", level: int = 2) -> str:
+@dataclass
+class Block:
+    """One titled table of a leaderboard: rendered as Markdown here, as HTML by the report."""
+    title: str
+    table: pd.DataFrame
+    note: str = ""  # which records the table was built from
+    intro: str = ""
+
+
+def statistics_blocks(data, metric: str = "iou") -> list[Block]:
     """Per (fold, shot): the mean over classes with a bootstrap CI for each method configuration, and
     paired comparisons (per-class differences, CI, sign-flip p) of configurations run on the same
     manifests. Only complete runs."""
@@ -76,8 +86,8 @@ def statistics_section(data, metric: str = "iou", level: int = 2) -> str:
     sel = f[(f["class"] != ALL) & (f["metric"] == metric)]
     per_class = {rid: {c: (None if pd.isna(v) else float(v)) for c, v in zip(g["class"], g["value"])}
                  for rid, g in sel.groupby("run_id")}
-    h = "#" * (level + 1)
-    lines = []
+    name = METRIC_NAMES.get(metric, metric)
+    blocks = []
     for (fold, shot), grp in runs.groupby(["fold", "shot"]):
         by_label = {}  # label -> manifest hash -> {class: value}
         for r in grp.itertuples():
@@ -105,18 +115,28 @@ def statistics_section(data, metric: str = "iou", level: int = 2) -> str:
                 pairs.append([f"{a} − {b}", str(len(shared)), f"{100 * cmp['mean_diff']:+.1f}",
                               f"[{100 * cmp['ci_low']:+.1f}, {100 * cmp['ci_high']:+.1f}]",
                               f"{cmp['wins']}/{cmp['losses']}/{cmp['ties']}", f"{cmp['p_value']:.3g}"])
-        name = METRIC_NAMES.get(metric, metric)
         note = records_note(grp["run_id"])
         if rows:
-            lines.append(f"{h} Fold {fold}, {shot}-shot: mean {name} over classes with 95 % bootstrap CI\n\n"
-                         + to_markdown(pd.DataFrame(rows, columns=["method", f"mean {name}", "95 % CI", "classes"])
-                                       .set_index("method")) + f"\n\n{note}\n")
+            blocks.append(Block(f"Fold {fold}, {shot}-shot: mean {name} over classes with 95 % bootstrap CI",
+                                pd.DataFrame(rows, columns=["method", f"mean {name}", "95 % CI", "classes"])
+                                .set_index("method"), note))
         if pairs:
-            lines.append(f"{h} Fold {fold}, {shot}-shot: paired comparison on the same manifests\n\n"
-                         + to_markdown(pd.DataFrame(pairs, columns=["A − B", "runs", f"Δ {name}", "95 % CI",
-                                                                    "wins/losses/ties", "sign-flip p"])
-                                       .set_index("A − B")) + f"\n\n{note}\n")
-    return (f"{'#' * level} Statistics\n\n" + "\n".join(lines)) if lines else ""
+            blocks.append(Block(f"Fold {fold}, {shot}-shot: paired comparison on the same manifests",
+                                pd.DataFrame(pairs, columns=["A − B", "runs", f"Δ {name}", "95 % CI",
+                                                             "wins/losses/ties", "sign-flip p"]).set_index("A − B"),
+                                note))
+    return blocks
+
+
+def render_markdown(blocks: list[Block], level: int) -> str:
+    h = "#" * level
+    return "\n".join(f"{h} {b.title}\n\n" + (f"{b.intro}\n\n" if b.intro else "") + to_markdown(b.table)
+                     + (f"\n\n{b.note}" if b.note else "") + "\n" for b in blocks)
+
+
+def statistics_section(data, metric: str = "iou", level: int = 2) -> str:
+    blocks = statistics_blocks(data, metric)
+    return f"{'#' * level} Statistics\n\n" + render_markdown(blocks, level + 1) if blocks else ""
 
 
 def identity_line(runs: pd.DataFrame) -> str:
@@ -127,51 +147,64 @@ def identity_line(runs: pd.DataFrame) -> str:
             f"`{r['protocol']}` (options hash `{r['protocol_hash']}`), manifests {manifests}.")
 
 
-def identity_section(frame: pd.DataFrame, level: int, metric: str | None = None) -> str:
-    """The tables of one dataset identity and protocol (complete runs only)."""
-    h = "#" * level
-    runs = runs_of(frame)
+TIMING_INTRO = ("Predict: batch 1, after warm-up, device synchronised. Prepare: the support processing of an "
+                "episode (for per-support methods, the fit), timed apart; `prepare 1st` is its first call, kept "
+                "apart from warm-up.")
+
+
+def identity_blocks(frame: pd.DataFrame, metric: str | None = None) -> list[Block]:
+    """The tables of one dataset identity and protocol (complete runs only), statistics last."""
     done = frame[frame["complete"]]
-    proto = runs["protocol"].iloc[0]
-    parts = [identity_line(runs) + "\n"]
     if done.empty:
-        return parts[0] + "\nNo complete run.\n"
+        return []
+    proto = done["protocol"].iloc[0]
+    blocks = []
     if proto == "fad":
-        parts.append(f"{h} FAD: mean over categories (pooled over all categories as secondary columns)\n\n"
-                     + to_markdown(fad_frame(done)) + f"\n\n{records_note(runs_of(done)['run_id'])}\n")
+        blocks.append(Block("FAD: mean over categories (pooled over all categories as secondary columns)",
+                            fad_frame(done), records_note(runs_of(done)["run_id"])))
         metrics = []  # FAD runs are judged by the FAD metrics only
     else:
         order = TABLE_METRICS.get(proto, TABLE_METRICS["fss"])
         metrics = ([metric] if metric else []) + [m for m in order if m != metric]
     for m in metrics:
         vals = run_values(done, m).dropna(subset=["value"])
-        if vals.empty:
-            continue
-        parts.append(f"{h} {METRIC_NAMES.get(m, m)}\n\n{to_markdown(fold_frame(done, m))}\n\n"
-                     f"{records_note(vals['run_id'])}\n")
-    parts.append(f"{h} Timing\n\nPredict: batch 1, after warm-up, device synchronised. Prepare: the support "
-                 f"processing of an episode (for per-support methods, the fit), timed apart; `prepare 1st` is "
-                 f"its first call, kept apart from warm-up.\n\n{to_markdown(timing_frame(done))}\n\n"
-                 f"{records_note(runs_of(done)['run_id'])}\n")
-    stat_metric = PER_CLASS_METRIC.get(PRIMARY_METRIC.get(proto, "miou"), "iou")
-    stats = statistics_section(done, stat_metric, level=level)
-    if stats:
-        parts.append(stats)
-    return "\n".join(parts)
+        if not vals.empty:
+            blocks.append(Block(METRIC_NAMES.get(m, m), fold_frame(done, m), records_note(vals["run_id"])))
+    blocks.append(Block("Timing", timing_frame(done), records_note(runs_of(done)["run_id"]), TIMING_INTRO))
+    return blocks
+
+
+def identity_section(frame: pd.DataFrame, level: int, metric: str | None = None) -> str:
+    runs = runs_of(frame)
+    blocks = identity_blocks(frame, metric)
+    if not blocks:
+        return identity_line(runs) + "\n\nNo complete run.\n"
+    proto = runs["protocol"].iloc[0]
+    stats = statistics_section(frame[frame["complete"]], PER_CLASS_METRIC.get(PRIMARY_METRIC.get(proto, "miou"), "iou"),
+                               level=level)
+    return identity_line(runs) + "\n\n" + render_markdown(blocks, level) + ("\n" + stats if stats else "")
+
+
+def incomplete_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    runs = runs_of(frame)
+    runs = runs[~runs["complete"]]
+    return pd.DataFrame({"run": runs["label"] + f" {INCOMPLETE_MARK}", "run id": runs["run_id"],
+                         "fold": runs["fold"], "shot": runs["shot"],
+                         "episodes": [f"{a}/{b}" for a, b in zip(runs["episodes"], runs["episodes_total"])],
+                         "max episodes": ["–" if pd.isna(v) else str(int(v)) for v in runs["max_episodes"]]}
+                        ).set_index("run")
+
+
+INCOMPLETE_INTRO = (f"{INCOMPLETE_MARK} These runs stopped before the end of their manifest (`--max-episodes`); "
+                    "their numbers are not results.")
 
 
 def incomplete_section(frame: pd.DataFrame, level: int = 2) -> str:
-    runs = runs_of(frame)
-    runs = runs[~runs["complete"]]
-    if runs.empty:
+    df = incomplete_frame(frame)
+    if df.empty:
         return ""
-    df = pd.DataFrame({"run": runs["label"] + f" {INCOMPLETE_MARK}", "run id": "`" + runs["run_id"] + "`",
-                       "fold": runs["fold"], "shot": runs["shot"],
-                       "episodes": [f"{a}/{b}" for a, b in zip(runs["episodes"], runs["episodes_total"])],
-                       "max episodes": ["–" if pd.isna(v) else str(int(v)) for v in runs["max_episodes"]]}
-                      ).set_index("run")
-    return (f"{'#' * level} Incomplete runs (in no table)\n\n{INCOMPLETE_MARK} These runs stopped before the end "
-            f"of their manifest (`--max-episodes`); their numbers are not results.\n\n{to_markdown(df)}\n")
+    df["run id"] = "`" + df["run id"] + "`"
+    return f"{'#' * level} Incomplete runs (in no table)\n\n{INCOMPLETE_INTRO}\n\n{to_markdown(df)}\n"
 
 
 def leaderboard_markdown(frame: pd.DataFrame, source: str, metric: str | None = None) -> str:

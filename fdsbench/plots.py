@@ -56,6 +56,12 @@ def png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
+def _bucket_order(name: str):
+    """``<a`` first, then ``a-b`` by a, then ``>=b`` (the names of fdsbench.metrics.segmentation)."""
+    num = float("".join(ch for ch in name.split("-")[0] if ch.isdigit() or ch == ".") or 0)
+    return (0 if name.startswith("<") else 2 if name.startswith(">=") else 1, num)
+
+
 def _panels(frame: pd.DataFrame, by=("identity", "shot")):
     done = frame[frame["complete"]]
     return [(key, grp) for key, grp in done.groupby(list(by), sort=True)]
@@ -96,6 +102,7 @@ def fps_scatter(frame: pd.DataFrame, path=None, metric: str = "miou", references
             for r in ref.itertuples():
                 ax.annotate(r.method, (r.fps, r.accuracy), fontsize=6, color="0.35", xytext=(3, 2),
                             textcoords="offset points")
+        ax.set_ylim(bottom=0)
         ax.set_xscale("log")
         plain = _plt().FuncFormatter(lambda v, _: f"{v:g}")
         ax.xaxis.set_major_formatter(plain)
@@ -124,7 +131,7 @@ def size_buckets(frame: pd.DataFrame, path=None, kind: str = "area_ratio", metri
             ax.set_title(_title(grp, shot) + "\n(records without size buckets)", fontsize=9)
             continue
         used += sel["run_id"].unique().tolist()
-        buckets = list(dict.fromkeys(sel["size_bucket"]))
+        buckets = sorted(dict.fromkeys(sel["size_bucket"]), key=_bucket_order)
         table = sel.pivot_table(index="size_bucket", columns="label", values="value", aggfunc="mean").reindex(buckets)
         counts = grp[(grp["size_kind"] == kind) & (grp["metric"] == "images")].groupby("size_bucket")["value"].max()
         labels = list(table.columns)
