@@ -79,3 +79,30 @@ def weighted_gap(feat: torch.Tensor, mask: torch.Tensor, eps: float = 5e-4) -> t
 
 
 masked_average_pooling = weighted_gap
+
+
+SMALL_DEFECT_BRANCHES = ("bilinear", "nearest", "any_pixel")
+
+
+def downsample_keep_small(mask: torch.Tensor, size: tuple[int, int], *, threshold: float = 0.5,
+                          align_corners: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Support-mask downsampling of the meta-learning baselines with the small-defect fallback of
+    GFDS (fm-fastsam.md §1.6): per sample, bilinear as the baseline (``align_corners`` as its
+    code); if no cell reaches ``threshold`` the defect vanished, so nearest; if that is empty too,
+    the "any pixel" rule (adaptive max-pool: a cell is 1 if any mask pixel in it is).
+    Input [B,1,H,W] (0/1), output [B,1,h,w] and the branch that fired for each sample."""
+    m = mask.float()
+    out = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=align_corners)
+    branches = []
+    for b in range(m.shape[0]):
+        if out[b].max() >= threshold or m[b].max() <= 0:  # kept (or nothing to keep: a normal support)
+            branches.append("bilinear")
+            continue
+        near = F.interpolate(m[b:b + 1], size=tuple(size), mode="nearest")
+        if near.max() > 0:
+            out[b] = near[0]
+            branches.append("nearest")
+        else:
+            out[b] = F.adaptive_max_pool2d(m[b:b + 1], tuple(size))[0]
+            branches.append("any_pixel")
+    return out, branches

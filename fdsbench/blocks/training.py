@@ -1,4 +1,4 @@
-"""A small episodic training loop shared by meta-trained methods: AdamW with named learning-rate
+"""A small episodic training loop shared by meta-trained methods: AdamW (or SGD) with named learning-rate
 groups, the per-iteration poly schedule, frozen-BatchNorm training mode, per-epoch checkpoints in
 the method's workdir and resume from the latest one (sofs.md §5).
 
@@ -80,7 +80,8 @@ class TrainLoop:
                  iters_per_epoch: int, base_lr: float, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.999), power: float = 0.9, seed: int = 0,
                  keep_last: int = 2, grad_clip: float | None = None, log: Callable[[str], None] | None = None,
-                 exclude: Sequence[str] = ("backbone.",), fingerprint: str = ""):
+                 exclude: Sequence[str] = ("backbone.",), fingerprint: str = "", optimizer: str = "adamw",
+                 momentum: float = 0.9):
         if not groups:
             raise FdsError("nothing to train: the model has no trainable parameters outside the encoder")
         self.model = model
@@ -92,9 +93,13 @@ class TrainLoop:
         self.exclude = tuple(exclude)
         self.fingerprint = fingerprint  # e.g. the config hash: a checkpoint of another config is not resumed
         self.log = log or (lambda s: None)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": g["params"], "lr": self.base_lr * g["lr_mult"], "lr_mult": g["lr_mult"]} for g in groups],
-            lr=self.base_lr, betas=betas, weight_decay=weight_decay)
+        groups = [{"params": g["params"], "lr": self.base_lr * g["lr_mult"], "lr_mult": g["lr_mult"]} for g in groups]
+        if optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr, betas=betas, weight_decay=weight_decay)
+        elif optimizer == "sgd":  # PFENet/PSPNet recipe: SGD with momentum
+            self.optimizer = torch.optim.SGD(groups, lr=self.base_lr, momentum=momentum, weight_decay=weight_decay)
+        else:
+            raise FdsError(f"unknown optimizer '{optimizer}'; use adamw or sgd")
         self.iteration = 0
         self.epoch = 0
         self.history: list[dict] = []

@@ -6,6 +6,8 @@
 >>> rn = build_backbone("resnet50", weights="random")
 >>> l2, l3 = rn.forward_features(x, layers=("layer2", "layer3"))    # strides 8, 16
 >>> merged = merge_layer23(l2, l3)                                  # [B, 1024, H/8, W/8] (sofs.md §2.2)
+>>> drn = build_backbone("deep_resnet50", weights="random")          # PSPNet/PFENet deep-base, dilated
+>>> l3, l4 = drn.forward_features(x, layers=("layer3", "layer4"))   # both stride 8; drn.layer0..layer4
 
 ``weights``: ``"random"`` (recorded as "random-init"), a file path (or a directory holding the
 official file name), or ``None`` / ``"default"`` to look the official file up offline
@@ -24,17 +26,18 @@ from torch import nn
 from ... import weights as W
 from ...errors import FdsError, UnknownNameError
 from .base import IMAGENET_MEAN, IMAGENET_STD, RANDOM_INIT, BackboneMixin, imagenet_normalize, state_fingerprint
+from .deep_resnet import DEEP_RESNET_CONFIGS, DeepBaseResNet, build_deep_resnet, deep_base_key_map
 from .merge import merge_layer23
 from .resnet import RESNET_CONFIGS, ResNetBackbone, build_resnet
 from .vit import VIT_CONFIGS, VisionTransformer, build_vit
 
 __all__ = ["build_backbone", "merge_layer23", "backbone_names", "BackboneMixin", "VisionTransformer",
-           "ResNetBackbone", "imagenet_normalize", "IMAGENET_MEAN", "IMAGENET_STD", "RANDOM_INIT",
+           "ResNetBackbone", "DeepBaseResNet", "imagenet_normalize", "IMAGENET_MEAN", "IMAGENET_STD", "RANDOM_INIT",
            "state_fingerprint", "load_backbone_weights"]
 
 
 def backbone_names() -> list[str]:
-    return sorted(list(VIT_CONFIGS) + list(RESNET_CONFIGS))
+    return sorted(list(VIT_CONFIGS) + list(RESNET_CONFIGS) + list(DEEP_RESNET_CONFIGS))
 
 
 def _dinov2_key_map(sd: dict, module: nn.Module) -> dict:
@@ -55,12 +58,15 @@ def _build(name: str) -> nn.Module:
         return build_vit(name)
     if name in RESNET_CONFIGS:
         return build_resnet(name)
+    if name in DEEP_RESNET_CONFIGS:
+        return build_deep_resnet(name)
     raise UnknownNameError("backbone", name, backbone_names())
 
 
 def load_backbone_weights(bb: nn.Module, path, *, strict: bool = True, source: str | None = None):
     """Load an official or own checkpoint file into a built backbone (key mapping where needed)."""
-    key_map = _dinov2_key_map if bb.name.startswith("dinov2") else None
+    key_map = (_dinov2_key_map if bb.name.startswith("dinov2")
+               else deep_base_key_map if bb.name in DEEP_RESNET_CONFIGS else None)
     if source is None:
         source = "state dict" if isinstance(path, Mapping) else str(path)
     return W.load_into(bb, path, strict=strict, key_map=key_map, source=source)

@@ -1,0 +1,30 @@
+"""The feature taps SOFS and the industrial FSS baselines (PFENet, HDMNet) share (sofs.md §2.2):
+DINOv2/DINO ViT block outputs (e.g. blocks 5-10 of ViT-B/14 @ 518, 6 x [B,768,37,37]), or for a
+ResNet the PatchCore-merged layer2+3 map (``merge_layer23``, stride 8) returned twice, so that a head
+written for n tapped maps sees the ResNet as two layers."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from ...errors import FdsError
+from .merge import merge_layer23
+
+
+def feature_taps(backbone: str, layers: Sequence, merge_dim: int) -> Callable:
+    """callable(bb, x) -> list of maps: ViT block outputs, or the merged ResNet map twice."""
+    if backbone.startswith(("dinov2", "dino_")):
+        layers = tuple(int(v) for v in layers)
+        return lambda bb, x: bb.forward_features(x, layers=layers)
+    if backbone.startswith("resnet"):
+        def resnet_feats(bb, x):
+            m = merge_layer23(bb.forward_features(x, layers=("layer2", "layer3")), out_dim=merge_dim)
+            return [m, m]
+        return resnet_feats
+    raise FdsError(f"tapped features exist for DINOv2/DINO ViTs and ResNets, not backbone '{backbone}'")
+
+
+def tap_dims(bb, backbone: str, layers: Sequence, merge_dim: int) -> list[int]:
+    """Channels of each map ``feature_taps`` returns (ViT: embed dim per block; ResNet: merge_dim x 2)."""
+    if backbone.startswith("resnet"):
+        return [merge_dim, merge_dim]
+    return [bb.channels[int(i) % bb.n_blocks] for i in layers]
