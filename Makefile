@@ -17,6 +17,7 @@ PRESET   ?=
 PROTOCOL ?=
 WORKDIR  ?= runs
 LEADERBOARDS ?= leaderboards
+REPORT   ?= $(LEADERBOARDS)/report.html
 EPISODES ?= 20
 PLUGIN   ?=
 FORCE    ?=
@@ -37,7 +38,7 @@ RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --fold $(FOLD) --shot $(SHOT)
            $(if $(TRAIN_DATASET),--train-dataset $(TRAIN_DATASET)) $(if $(TRAIN_DATA_ROOT),--train-data-root $(TRAIN_DATA_ROOT)) \
            $(ARGS)
 
-.PHONY: setup bench fps test leaderboard episodes bench-metrics clean-runs
+.PHONY: setup bench fps test leaderboard report compare episodes bench-metrics clean-runs
 
 setup: $(STAMP)
 
@@ -56,6 +57,14 @@ fps: setup
 
 leaderboard: setup
 	$(VENV)/bin/fdsbench leaderboard --workdir $(WORKDIR) --out $(LEADERBOARDS)
+
+# one self-contained HTML file (tables, embedded plots, provenance) of every run record in WORKDIR
+report: setup
+	$(VENV)/bin/fdsbench report --workdir $(WORKDIR) --out $(REPORT)
+
+# paired per-class comparison on shared manifests: make compare A=sofs B=proto (run ids, prefixes or methods)
+compare: setup
+	$(VENV)/bin/fdsbench compare $(A) $(B) --workdir $(WORKDIR) --out $(LEADERBOARDS)
 
 episodes: setup
 	$(VENV)/bin/fdsbench episodes make --dataset $(DATASET) --fold $(FOLD) --shot $(SHOT) --runs $(RUNS) \

@@ -136,6 +136,33 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    for path in write_report(Path(args.workdir) / "runs", Path(args.out), title=args.title):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare, per_class_frame, summary_frame, write_comparison
+    from .results import load_records, to_markdown
+
+    records = load_records(Path(args.workdir) / "runs")
+    comparisons, unpaired = compare(records, args.a, args.b, metric=args.metric, n_boot=args.n_boot)
+    print(to_markdown(summary_frame(comparisons)))
+    for c in comparisons:
+        print(f"\n{c.title}\n{to_markdown(per_class_frame(c))}")
+    if unpaired:
+        print(f"\nleft out (no run of the other side on their manifest): {', '.join(unpaired)}")
+    if args.out:
+        stem = "compare_" + "_vs_".join("".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in x)[:40]
+                                        for x in (args.a, args.b))
+        for path in write_comparison(comparisons, Path(args.out), stem):
+            print(f"wrote {path}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     import dataclasses
 
@@ -193,8 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leaderboard", help="write tables and plots from run records")
     p.add_argument("--workdir", default="runs")
     p.add_argument("--out", default="leaderboards")
-    p.add_argument("--metric", default="miou")
+    p.add_argument("--metric", default=None,
+                   help="metric of the first table and the plot (default: mIoU for fss, per-image IoU for "
+                        "per_support; FAD always shows the FAD metrics)")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("report", help="one self-contained HTML report (tables, plots, provenance) of all run records")
+    p.add_argument("--workdir", default="runs")
+    p.add_argument("--out", default="report.html", help="HTML file; the tidy results frame is written beside it")
+    p.add_argument("--title", default="fdsbench report")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="paired per-class comparison of two methods on the same manifests")
+    p.add_argument("a", help="run id, run-id prefix, method name or table label")
+    p.add_argument("b", help="run id, run-id prefix, method name or table label")
+    p.add_argument("--workdir", default="runs")
+    p.add_argument("--metric", default=None,
+                   help="per-class metric (default: iou for fss, per_image_iou for per_support, image_auroc for fad)")
+    p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (and sign-flip draws beyond 16 classes)")
+    p.add_argument("--out", default=None, help="folder for the Markdown table and the paired-difference plot")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("methods", help="list registered methods, or show one")
     p.add_argument("name", nargs="?")
