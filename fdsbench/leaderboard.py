@@ -207,7 +207,9 @@ def incomplete_section(frame: pd.DataFrame, level: int = 2) -> str:
     return f"{'#' * level} Incomplete runs (in no table)\n\n{INCOMPLETE_INTRO}\n\n{to_markdown(df)}\n"
 
 
-def leaderboard_markdown(frame: pd.DataFrame, source: str, metric: str | None = None) -> str:
+def leaderboard_markdown(frame: pd.DataFrame, source: str, metric: str | None = None,
+                         plots: tuple[str, ...] = ()) -> str:
+    """The Markdown of one (dataset, protocol); ``plots``: file names of its PNGs, shown first."""
     runs = runs_of(frame)
     dataset, proto = runs["dataset"].iloc[0], runs["protocol"].iloc[0]
     idents = sorted(runs["identity"].unique())
@@ -216,6 +218,8 @@ def leaderboard_markdown(frame: pd.DataFrame, source: str, metric: str | None = 
              f"({int(runs['complete'].sum())} complete). Cells: mean ± std over runs (%), one cell per dataset "
              f"identity, protocol, shot and fold (1-shot and 5-shot are never averaged). "
              f"{RANDOM_MARK} = random-init weights (not the paper's numbers).\n"]
+    if plots:
+        parts.append(" ".join(f"![{name}]({name})" for name in plots) + "\n")
     if len(idents) > 1:
         parts.append(f"**{len(idents)} different datasets share the name `{dataset}`** (different content, "
                      f"adapter options or protocol options): each has its own tables below.\n")
@@ -229,9 +233,12 @@ def leaderboard_markdown(frame: pd.DataFrame, source: str, metric: str | None = 
 
 
 def write_leaderboards(runs_dir: Path, out: Path, metric: str | None = None) -> list[Path]:
-    """One Markdown file and one accuracy-vs-FPS plot per (dataset, protocol), plus the tidy frame of all
-    records as ``results.csv`` and ``results.jsonl``."""
-    from .plots import fps_scatter
+    """Per (dataset, protocol): one Markdown file ``<dataset>_<protocol>.md`` and the accuracy-vs-FPS plot
+    ``<dataset>_<protocol>.png`` (the names of earlier versions), plus ``..._by_size.png`` and
+    ``..._per_class.png`` for segmentation protocols; and the tidy frame of all records as
+    ``results.csv`` / ``results.jsonl``."""
+    from .papers import gfds_speed_references
+    from .plots import fps_scatter, per_class_bars, size_buckets
 
     frame = results_frame(load_records(runs_dir))
     out = Path(out)
@@ -239,10 +246,16 @@ def write_leaderboards(runs_dir: Path, out: Path, metric: str | None = None) -> 
     if frame.empty:
         return written
     for (dataset, proto), part in frame.groupby(["dataset", "protocol"], sort=True):
-        path = out / f"{dataset}_{proto}.md"
-        atomic_write_text(path, leaderboard_markdown(part, str(runs_dir), metric))
-        written.append(path)
+        stem = f"{dataset}_{proto}"
         m = metric if metric and proto != "fad" else PRIMARY_METRIC.get(proto, "miou")
-        written.append(fps_scatter(part, out / f"{dataset}_{proto}.png", m))
+        pngs = [fps_scatter(part, out / f"{stem}.png", m,
+                            references=gfds_speed_references() if m == "miou" else None)]
+        if proto != "fad":
+            pngs.append(size_buckets(part, out / f"{stem}_by_size.png"))
+            pngs.append(per_class_bars(part, out / f"{stem}_per_class.png",
+                                       PER_CLASS_METRIC.get(PRIMARY_METRIC.get(proto, "miou"), "iou")))
+        path = out / f"{stem}.md"
+        atomic_write_text(path, leaderboard_markdown(part, str(runs_dir), metric, tuple(p.name for p in pngs)))
+        written += [path, *pngs]
     written += write_frame(frame, out)
     return written

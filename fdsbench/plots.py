@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .results import ALL, METRIC_NAMES, run_values
+from .results import ALL, FAD_METRICS, METRIC_NAMES, run_values
 from .stats import bootstrap_ci
 
 REFERENCE_STYLE = dict(marker="x", color="0.45")
@@ -91,14 +91,18 @@ def fps_scatter(frame: pd.DataFrame, path=None, metric: str = "miou", references
     used = []
     for ax, ((ident, shot), grp) in zip(axes, panels):
         vals = run_values(grp, metric).dropna(subset=["value", "fps"])
+        if metric in FAD_METRICS:  # records scored before per-category FAD hold the pooled value
+            vals = vals.assign(label=vals["label"].where(vals["aggregation"] == "class_mean",
+                                                         vals["label"] + " (pooled)"))
         used += vals["run_id"].tolist()
         for lab, pts in vals.groupby("label", sort=True):
             y, x = 100 * pts["value"], pts["fps"]
             ax.errorbar(x.mean(), y.mean(), xerr=x.std() if len(x) > 1 else None,
                         yerr=y.std() if len(y) > 1 else None, fmt="o", capsize=3, label=f"{lab} (n={len(pts)})")
-        if references is not None and len(references) and grp["dataset"].iloc[0] in set(references["dataset"]):
+        if references is not None and shot == 1 and grp["dataset"].iloc[0] in set(references["dataset"]):
             ref = references[references["dataset"] == grp["dataset"].iloc[0]]
-            ax.scatter(ref["fps"], ref["accuracy"], label=f"paper ({ref['source'].iloc[0]})", **REFERENCE_STYLE)
+            ax.scatter(ref["fps"], ref["accuracy"], label=f"paper ({ref['source'].iloc[0]}; FPS on the authors' GPU)",
+                       **REFERENCE_STYLE)
             for r in ref.itertuples():
                 ax.annotate(r.method, (r.fps, r.accuracy), fontsize=6, color="0.35", xytext=(3, 2),
                             textcoords="offset points")
@@ -108,6 +112,9 @@ def fps_scatter(frame: pd.DataFrame, path=None, metric: str = "miou", references
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(plain)
         ax.tick_params(axis="x", which="minor", labelsize=6)
+        lo, hi = ax.get_xlim()
+        if hi / lo > 20:  # minor labels only where the axis spans about a decade
+            ax.xaxis.set_minor_formatter(_plt().NullFormatter())
         ax.set_xlabel("FPS (queries/s, predict only, batch 1)")
         ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} (%)")
         ax.set_title(_title(grp, shot), fontsize=9)

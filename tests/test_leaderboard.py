@@ -2,7 +2,9 @@ import json
 
 from synthetic_records import make_record
 
-from fdsbench.leaderboard import fold_table, format_run_table, statistics_section, write_leaderboards
+from fdsbench.leaderboard import (fold_table, format_run_table, leaderboard_markdown, statistics_section,
+                                  write_leaderboards)
+from fdsbench.results import results_frame
 
 
 def record(method, fold, shot, seed, miou, per_class, random=True, preset="cpu"):
@@ -12,6 +14,11 @@ def record(method, fold, shot, seed, miou, per_class, random=True, preset="cpu")
             "weights": {"bb": "random-init" if random else "abc"}, "device": "cpu", "precision": "fp32",
             "environment": {"device_name": "cpu"}, "timing": {"fps": 10.0, "predict": {"p50_s": 0.1}},
             "metrics": {"miou": miou, "fbiou": 0.5, "per_class": {c: {"iou": v} for c, v in per_class.items()}}}
+
+
+def markdown(records):
+    """The leaderboard text of one (dataset, protocol), without drawing its plots."""
+    return leaderboard_markdown(results_frame(records), "runs")
 
 
 def write(runs, records):
@@ -64,47 +71,41 @@ def test_write_leaderboards(tmp_path):
     assert "## mIoU" in md and "## Timing" in md and "† = random-init" in md
     assert "Built from 2 run records: `a_0_1_0`, `b_0_1_0`" in md
     assert (tmp_path / "lb" / "synthetic_fss.png").exists()
-    assert {p.name for p in paths} == {"synthetic_fss.md", "synthetic_fss.png", "results.csv", "results.jsonl"}
+    assert {p.name for p in paths} == {"synthetic_fss.md", "synthetic_fss.png", "synthetic_fss_by_size.png",
+                                       "synthetic_fss_per_class.png", "results.csv", "results.jsonl"}
+    assert "![synthetic_fss.png](synthetic_fss.png)" in md
 
 
-def test_two_datasets_with_one_name_are_two_groups(tmp_path):
+def test_two_datasets_with_one_name_are_two_groups():
     """Three folder trees were once one cell '20.6 ± 17.2': the dataset identity (hash) separates them."""
     recs = [make_record("proto", "folder", per_class={"o/1": 0.1}, dataset_hash="1111aaaa00000000"),
             make_record("proto", "folder", per_class={"o/1": 0.4}, dataset_hash="2222bbbb00000000")]
-    write(tmp_path / "runs", recs)
-    write_leaderboards(tmp_path / "runs", tmp_path / "lb")
-    md = (tmp_path / "lb" / "folder_fss.md").read_text()
+    md = markdown(recs)
     assert "2 different datasets share the name `folder`" in md
     assert md.count("## Dataset identity") == 2 and "1111aaaa" in md and "2222bbbb" in md
     assert "| 10.0 " in md and "| 40.0 " in md and "25.0" not in md and " ± 2" not in md
 
 
-def test_incomplete_runs_are_listed_apart(tmp_path):
+def test_incomplete_runs_are_listed_apart():
     full = make_record("proto", per_class={"o/1": 0.3, "o/2": 0.1})
     cut = make_record("sofs", per_class={"o/1": 0.9}, episodes=3, episodes_total=120)
     legacy_cut = make_record("sam2", per_class={"o/1": 0.8}, episodes=2, episodes_total=20, legacy=True)
-    write(tmp_path / "runs", [full, cut, legacy_cut])
-    write_leaderboards(tmp_path / "runs", tmp_path / "lb")
-    md = (tmp_path / "lb" / "synthetic_fss.md").read_text()
+    md = markdown([full, cut, legacy_cut])
     tables, apart = md.split("## Incomplete runs")
     assert "sofs" not in tables and "sam2" not in tables and "90.0" not in tables
     assert "sofs [cpu]† ⚠" in apart and "3/120" in apart and "sam2 [cpu]† ⚠" in apart and "2/20" in apart
     assert "⚠" in format_run_table([cut]) and "⚠" not in format_run_table([full])
 
 
-def test_fad_shows_fad_metrics_with_pooled_secondary(tmp_path):
+def test_fad_shows_fad_metrics_with_pooled_secondary():
     fad = {"image_auroc": (0.91, 0.81), "pixel_auroc": (0.95, 0.9), "pixel_f1_max": (0.5, 0.4), "aupro": (0.7, 0.6)}
-    write(tmp_path / "runs", [make_record("sofs", "mvtec_ad", "fad", per_class={"bottle/*": None}, fad=fad)])
-    write_leaderboards(tmp_path / "runs", tmp_path / "lb")
-    md = (tmp_path / "lb" / "mvtec_ad_fad.md").read_text()
+    md = markdown([make_record("sofs", "mvtec_ad", "fad", per_class={"bottle/*": None}, fad=fad)])
     assert "mIoU" not in md and "## FAD: mean over categories" in md
     assert "1-shot image AUROC (pooled)" in md and "91.0" in md and "81.0" in md
 
 
-def test_timing_table_has_dataset_shot_and_prepare(tmp_path):
-    write(tmp_path / "runs", [make_record("nbr_cap", "synthetic", "per_support", per_class={"o/*": 0.2})])
-    write_leaderboards(tmp_path / "runs", tmp_path / "lb")
-    md = (tmp_path / "lb" / "synthetic_per_support.md").read_text()
+def test_timing_table_has_dataset_shot_and_prepare():
+    md = markdown([make_record("nbr_cap", "synthetic", "per_support", per_class={"o/*": 0.2})])
     timing = md.split("## Timing")[1]
     for col in ("dataset", "shot", "prepare p50 ms", "prepare 1st ms", "prepare calls"):
         assert col in timing.splitlines()[4]
