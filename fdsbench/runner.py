@@ -270,8 +270,10 @@ def fit_or_load(spec: BenchSpec, method: Method, ds: DatasetAdapter,
     key = content_hash([method.name, config_dict(method.config), tds.dataset_hash, tfold, spec.train_seed], 12)
     what = "all" if tfold < 0 else f"fold{tfold}"
     ckpt = Path(spec.workdir) / "checkpoints" / f"{method.name}_{tds.name}_{what}_train{spec.train_seed}_{key}.pt"
-    rank, _ = world()
-    if rank == 0 and not ckpt.is_file():
+    rank, size = world()
+    # a method whose fit trains with DistributedDataParallel (TrainLoop) trains on every rank
+    every_rank = size > 1 and getattr(method, "distributed_fit", False)
+    if (rank == 0 or every_rank) and not ckpt.is_file():
         fit_dir = ckpt.with_suffix("")
         fit_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(spec.train_seed)
@@ -279,9 +281,10 @@ def fit_or_load(spec: BenchSpec, method: Method, ds: DatasetAdapter,
                                              f"the base folds of {tds.name} fold {tfold}")
             + f" (checkpoints in {fit_dir})")
         method.fit(tds.train_source(tfold, spec.train_seed), fit_dir)
-        buf = io.BytesIO()
-        torch.save(method.state_dict(), buf)
-        atomic_write_bytes(ckpt, buf.getvalue())
+        if rank == 0:
+            buf = io.BytesIO()
+            torch.save(method.state_dict(), buf)
+            atomic_write_bytes(ckpt, buf.getvalue())
         barrier()
         return str(ckpt), trained_on
     barrier()

@@ -8,6 +8,14 @@ the method's workdir and resume from the latest one (sofs.md §5).
 
 Poly schedule: lr_it = base * (1 - it / max_it) ** power with it starting at 1 and
 max_it = epochs * iters_per_epoch; each group gets lr_it * its multiple. No warm-up.
+
+Under ``torchrun`` (an initialised torch.distributed group of W processes) the loop trains with
+DistributedDataParallel: every process draws the same global batch, takes its contiguous 1/W share
+(the batch size must divide by W), and DDP averages the gradients — the gradient of the global batch's
+mean loss, so the effective batch and the episode sequence are those of one process (the official SOFS
+recipe spreads its batch over 4 GPUs the same way). The logged loss is the mean over processes; rank 0
+writes the checkpoints (plain state of the unwrapped model: it loads in one process). ``step_loss``
+calls ``loop.module`` (the DDP wrapper, or the model itself in one process) for the forward pass.
 """
 from __future__ import annotations
 
@@ -63,6 +71,45 @@ def freeze_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    world = _world()[1]
+    if world == 1:
+        return x
+    x = x.clone()
+    torch.distributed.all_reduce(x)
+    return x / world
+
+
+def shard_batch(batch, rank: int, world: int):
+    """This process's contiguous 1/``world`` share of a collated batch (tensors and lists along the
+    first axis, dicts recursively); the whole batch in one process."""
+    if world == 1:
+        return batch
+    if isinstance(batch, dict):
+        return {k: shard_batch(v, rank, world) for k, v in batch.items()}
+    if isinstance(batch, (torch.Tensor, list, tuple)):
+        n = len(batch)
+        if n % world:
+            raise FdsError(f"a batch of {n} does not split over {world} processes; use a batch size divisible "
+                           f"by the number of processes (the effective batch stays the configured one)")
+        part = batch[rank * n // world:(rank + 1) * n // world]
+        return type(batch)(part) if isinstance(batch, tuple) else part
+    return batch
+
+
 def latest_checkpoint(workdir: Path) -> tuple[int, Path] | None:
     best = None
     for p in Path(workdir).glob("epoch_*.pt"):
@@ -103,20 +150,31 @@ class TrainLoop:
         self.iteration = 0
         self.epoch = 0
         self.history: list[dict] = []
+        self.rank, self.world = _world()
+        #: what ``step_loss`` calls for the forward pass: DDP-wrapped under torch.distributed
+        self.module = model
+        if self.world > 1:
+            dev = next(model.parameters()).device
+            self.module = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev] if dev.type == "cuda" else None)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path:
+        path = self.workdir / f"epoch_{self.epoch:03d}.pt"
+        if self.rank != 0:
+            _barrier()  # rank 0 writes; everyone continues once the file is complete
+            return path
         buf = io.BytesIO()
         torch.save({"epoch": self.epoch, "iteration": self.iteration, "model": trainable_state(self.model, self.exclude),
                     "optimizer": self.optimizer.state_dict(), "history": self.history,
                     "fingerprint": self.fingerprint}, buf)
-        path = self.workdir / f"epoch_{self.epoch:03d}.pt"
         atomic_write_bytes(path, buf.getvalue())
         if self.keep_last > 0:
             olds = sorted((int(CKPT_RE.match(p.name).group(1)), p) for p in self.workdir.glob("epoch_*.pt")
                           if CKPT_RE.match(p.name))
             for _, p in olds[:-self.keep_last]:
                 p.unlink(missing_ok=True)
+        _barrier()
         return path
 
     def resume(self) -> bool:
@@ -161,13 +219,14 @@ class TrainLoop:
             freeze_batchnorm(self.model)
             if train_mode:
                 train_mode()
-            t0, total, n = time.time(), 0.0, 0
+            t0, losses = time.time(), []
             for batch in batches(self.epoch):
                 self.iteration += 1
                 self.set_lr()
-                loss = step_loss(batch)
-                if not torch.isfinite(loss):
-                    raise FdsError(f"training loss became {loss.item()} at iteration {self.iteration}; "
+                loss = step_loss(shard_batch(batch, self.rank, self.world))
+                mean = _mean_over_ranks(loss.detach())  # the global batch's loss, the same on every rank
+                if not torch.isfinite(mean):
+                    raise FdsError(f"training loss became {mean.item()} at iteration {self.iteration}; "
                                    f"lower the learning rate")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -175,10 +234,11 @@ class TrainLoop:
                     torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                                    self.grad_clip)
                 self.optimizer.step()
-                total += float(loss.detach())
-                n += 1
+                losses.append(float(mean))
             self.epoch += 1
-            rec = {"epoch": self.epoch, "loss": total / max(1, n), "iterations": n, "seconds": time.time() - t0}
+            n = len(losses)
+            rec = {"epoch": self.epoch, "loss": sum(losses) / max(1, n), "iterations": n,
+                   "seconds": time.time() - t0, "losses": losses}
             self.history.append(rec)
             self.log(f"epoch {self.epoch}/{self.epochs}: loss {rec['loss']:.4f} ({n} it, {rec['seconds']:.1f}s)")
             self.save()

@@ -59,6 +59,7 @@ class SOFSMethod(Method):
     """SOFS: NR crops + PFIM + priors + shared SA + non-learnable fusion + meta prediction."""
 
     requires = Requirements(training=True, fad=True, weights=("dinov2_vitb14",), gpu_recommended=True)
+    distributed_fit = True  # fit() trains with DDP under torchrun (TrainLoop): same batch, same episodes
 
     @dataclass
     class Config:
@@ -213,7 +214,7 @@ class SOFSMethod(Method):
         dev = self.device
 
         def step_loss(batch):
-            z = model(batch["query"].to(dev), batch["supports"].to(dev), batch["support_masks"].to(dev))
+            z = loop.module(batch["query"].to(dev), batch["supports"].to(dev), batch["support_masks"].to(dev))
             x = model.feature_probability(z)
             y = (model.down(batch["query_mask"].to(dev), tuple(x.shape[-2:])) > 0.1).float()[:, 0]
             return dice_ce_loss(x, y, eta=eta, beta=c.beta, dice_weight=c.dice_weight, ce_weight=c.ce_weight,
