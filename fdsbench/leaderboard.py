@@ -212,7 +212,7 @@ def leaderboard_markdown(frame: pd.DataFrame, source: str, metric: str | None = 
     """The Markdown of one (dataset, protocol); ``plots``: file names of its PNGs, shown first."""
     runs = runs_of(frame)
     dataset, proto = runs["dataset"].iloc[0], runs["protocol"].iloc[0]
-    idents = sorted(runs["identity"].unique())
+    idents = sorted(runs["benchmark"].unique())
     parts = [f"# {dataset} — protocol {proto}\n",
              f"Built by `fdsbench leaderboard` from {len(runs)} run record{'s' if len(runs) != 1 else ''} in `{source}` "
              f"({int(runs['complete'].sum())} complete). Cells: mean ± std over runs (%), one cell per dataset "
@@ -224,7 +224,7 @@ def leaderboard_markdown(frame: pd.DataFrame, source: str, metric: str | None = 
         parts.append(f"**{len(idents)} different datasets share the name `{dataset}`** (different content, "
                      f"adapter options or protocol options): each has its own tables below.\n")
     for i, ident in enumerate(idents, 1):
-        part = frame[frame["identity"] == ident]
+        part = frame[frame["benchmark"] == ident]
         if len(idents) > 1:
             parts.append(f"## Dataset identity {i}: `{ident}`\n")
         parts.append(identity_section(part, 2 if len(idents) == 1 else 3, metric))

@@ -92,9 +92,9 @@ def sofs_fss_table(frame: pd.DataFrame, dataset: str = "vision_v1") -> PaperTabl
         rows.append({"source": f"{REF} {tname}", **{c: cells.get(c, "–") for c in cols}})
         index.append(f"{method} ({backbone})")
     done = _complete(frame, dataset, "fss")
-    idents = sorted(done["identity"].unique())
+    idents = sorted(done["benchmark"].unique())
     for ident in idents:
-        part = done[done["identity"] == ident]
+        part = done[done["benchmark"] == ident]
         for lab in label_order(part):
             runs = part[part["label"] == lab]
             row = {"source": f"ours ({runs['run_id'].nunique()} runs)"}
@@ -188,9 +188,9 @@ def gfds_table4(frame: pd.DataFrame) -> PaperTable:
         index.append(method)
     done = _complete(frame, "gfds", "fss")
     done = done[done["shot"] == 1]
-    idents = sorted(done["identity"].unique())
+    idents = sorted(done["benchmark"].unique())
     for ident in idents:
-        part = done[done["identity"] == ident]
+        part = done[done["benchmark"] == ident]
         for (lab, fold), runs in part.groupby(["label", "fold"], sort=True):
             pc = runs[(runs["class"] != ALL) & (runs["metric"] == "iou")].copy()
             pc["product"] = pc["class"].str.split("/").str[0].map(GFDS_COLUMNS).fillna(pc["class"].str.split("/").str[0])

@@ -62,7 +62,7 @@ def _bucket_order(name: str):
     return (0 if name.startswith("<") else 2 if name.startswith(">=") else 1, num)
 
 
-def _panels(frame: pd.DataFrame, by=("identity", "shot")):
+def _panels(frame: pd.DataFrame, by=("benchmark", "shot")):
     done = frame[frame["complete"]]
     return [(key, grp) for key, grp in done.groupby(list(by), sort=True)]
 
@@ -161,7 +161,7 @@ def per_class_bars(frame: pd.DataFrame, path=None, metric: str = "iou", n_boot: 
     """Per-class values (mean over runs) of each method configuration, and at the right the mean over
     classes with its 95 % bootstrap CI over classes (fdsbench.stats.bootstrap_ci); one panel per
     dataset identity, fold and shot."""
-    panels = _panels(frame, by=("identity", "fold", "shot"))
+    panels = _panels(frame, by=("benchmark", "fold", "shot"))
     fig, axes = _grid(max(len(panels), 1), w=7, h=4)
     used = []
     for ax, ((ident, fold, shot), grp) in zip(axes, panels):

@@ -95,7 +95,7 @@ def build_report(records, title: str = "fdsbench report", source: str = "") -> s
                          + _img(png_bytes(per_class_bars(part, metric=PER_CLASS_METRIC[metric])), f"{proto} per class"))
     for (dataset, proto), part in frame.groupby(["dataset", "protocol"]):
         parts.append(f"<h2>{_e(dataset)} — protocol {_e(proto)}</h2>")
-        for ident, ipart in part.groupby("identity"):
+        for ident, ipart in part.groupby("benchmark"):
             parts.append(f"<p>{_text(identity_line(runs_of(ipart)))}</p>")
             for b in identity_blocks(ipart):
                 parts.append(_block(b, 3))

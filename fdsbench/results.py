@@ -6,8 +6,8 @@
   ``method_label``, ``label`` (the row name of the tables: method label, preset, "trained on X" and
   ``†`` for random-init weights), ``preset``, ``config_hash``, ``weights`` (``name=sha256|random-init``),
   ``random_init``, ``trained_on``, ``dataset``, ``dataset_hash``, ``dataset_options``, ``protocol``,
-  ``protocol_hash`` (the protocol options), ``identity`` (dataset + dataset hash + protocol + its
-  options: the unit no table ever mixes), ``aggregation`` (``class_mean`` or ``pooled``),
+  ``protocol_hash`` (the protocol options), ``benchmark`` (dataset name + content hash + protocol +
+  its options hash: the unit no table cell and no plot panel ever mixes), ``aggregation`` (``class_mean`` or ``pooled``),
   ``score_mode``, ``threshold``, ``manifest_hash``, ``fold``, ``shot``, ``seed``, ``episodes``,
   ``episodes_total``, ``complete``, ``max_episodes``, ``device``, ``device_name``, ``precision``,
   ``torch``, ``fdsbench``, ``python`` and the timing (``fps``, ``predict_p50_ms``, ``predict_p95_ms``,
@@ -45,7 +45,7 @@ PER_CLASS_METRIC = {"miou": "iou", "per_image_iou": "per_image_iou", "per_image_
                     "aupro": "aupro"}
 FAD_METRICS = ("image_auroc", "pixel_auroc", "pixel_f1_max", "aupro")
 RUN_COLUMNS = ["run_id", "method", "method_label", "label", "preset", "config_hash", "weights", "random_init",
-               "trained_on", "dataset", "dataset_hash", "dataset_options", "protocol", "protocol_hash", "identity",
+               "trained_on", "dataset", "dataset_hash", "dataset_options", "protocol", "protocol_hash", "benchmark",
                "aggregation", "score_mode", "threshold", "manifest_hash", "fold", "shot", "seed", "episodes",
                "episodes_total", "complete", "max_episodes", "device", "device_name", "precision", "torch",
                "fdsbench", "python", "fps", "predict_p50_ms", "predict_p95_ms", "prepare_p50_ms",
@@ -126,7 +126,13 @@ def run_row(record: dict) -> dict:
     dhash = record.get("dataset_hash") or ""
     phash = short_hash(proto)
     prepare = t.get("prepare") or {}
-    first = prepare.get("first_ms")
+    warm = (t.get("warmup_calls") or t.get("warmup_discarded") or {}).get("prepare") or 0
+    first = prepare.get("first_ms")  # the first call(s), timed apart from the statistics
+    if first is None and warm and prepare.get("warmup_total_s") is not None:
+        first = 1000.0 * prepare["warmup_total_s"] / warm
+    calls = prepare.get("n")
+    if calls is not None and not prepare.get("includes_warmup"):
+        calls += warm
     peak = t.get("peak_memory_bytes")
     return {
         "run_id": record["run_id"], "method": record["method"],
@@ -137,7 +143,7 @@ def run_row(record: dict) -> dict:
         "dataset": record.get("dataset", "?"), "dataset_hash": dhash,
         "dataset_options": json.dumps(record.get("dataset_options") or {}, sort_keys=True),
         "protocol": proto_name, "protocol_hash": phash,
-        "identity": f"{record.get('dataset', '?')}@{dhash[:8] or 'unhashed'} {proto_name}@{phash}",
+        "benchmark": f"{record.get('dataset', '?')}@{dhash[:8] or 'unhashed'} {proto_name}@{phash}",
         "aggregation": record.get("aggregation") or "pooled",
         "score_mode": record.get("score_mode") or (record.get("metrics") or {}).get("score_mode") or "",
         "threshold": _num(record.get("threshold", (record.get("metrics") or {}).get("threshold"))),
@@ -149,7 +155,7 @@ def run_row(record: dict) -> dict:
         "fdsbench": env.get("fdsbench") or "", "python": env.get("python") or "",
         "fps": _num(t.get("fps")), "predict_p50_ms": _ms(t, "predict", "p50_s"),
         "predict_p95_ms": _ms(t, "predict", "p95_s"), "prepare_p50_ms": _ms(t, "prepare", "p50_s"),
-        "prepare_first_ms": _num(first), "prepare_calls": prepare.get("n"),
+        "prepare_first_ms": _num(first), "prepare_calls": calls,
         "peak_mib": np.nan if peak is None else peak / 2 ** 20,
     }
 

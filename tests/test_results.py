@@ -51,7 +51,7 @@ def test_identity_separates_datasets_and_protocol_options():
     b = make_record("p", "folder", dataset_hash="2" * 16)
     c = make_record("p", "folder", dataset_hash="1" * 16, seed=1)
     c["protocol"] = {**c["protocol"], "crop_size": 518}
-    assert runs_of(results_frame([a, b, c]))["identity"].nunique() == 3
+    assert runs_of(results_frame([a, b, c]))["benchmark"].nunique() == 3
 
 
 def test_export_csv_and_jsonl(tmp_path):
