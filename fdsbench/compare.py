@@ -68,7 +68,8 @@ def compare(records: list[dict], a: str, b: str, metric: str | None = None, n_bo
             seed: int = 0) -> tuple[list[Comparison], list[str]]:
     """Paired comparisons of A and B, one per (dataset identity, protocol, shot), and the run ids left
     out because the other side has no run on their manifest. Refuses A and B without a shared manifest."""
-    ra, rb = _one_per_manifest(select(records, a, " (A)"), "A", a), _one_per_manifest(select(records, b, " (B)"), "B", b)
+    ra = _one_per_manifest(select(records, a, " (A)"), "A", a)
+    rb = _one_per_manifest(select(records, b, " (B)"), "B", b)
     shared = sorted(set(ra) & set(rb))
     if not shared:
         raise FdsError(f"A '{a}' and B '{b}' share no manifest, so they did not see the same episodes: A ran on "
@@ -81,7 +82,8 @@ def compare(records: list[dict], a: str, b: str, metric: str | None = None, n_bo
     side = {ra[m]["run_id"]: "A" for m in shared} | {rb[m]["run_id"]: "B" for m in shared}
     frame["side"] = frame["run_id"].map(side)
     out = []
-    for (ds, dh, proto, ph, shot), grp in frame.groupby(["dataset", "dataset_hash", "protocol", "protocol_hash", "shot"]):
+    for (ds, dh, proto, _, shot), grp in frame.groupby(["dataset", "dataset_hash", "protocol", "protocol_hash",
+                                                        "shot"]):
         m = metric or PER_CLASS_METRIC[PRIMARY_METRIC.get(proto, "miou")]
         sel = grp[(grp["class"] != ALL) & (grp["metric"] == m)]
         if sel.empty:
@@ -110,7 +112,8 @@ def summary_frame(comparisons: list[Comparison]) -> pd.DataFrame:
                      "95 % CI": "–" if r.get("ci_low") is None else
                      f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]",
                      "wins/losses/ties": f"{r['wins']}/{r['losses']}/{r['ties']}",
-                     "sign-flip p": "–" if r.get("p_value") is None else f"{r['p_value']:.3g} ({r['p_value_method']})"})
+                     "sign-flip p": "–" if r.get("p_value") is None
+                     else f"{r['p_value']:.3g} ({r['p_value_method']})"})
     return pd.DataFrame(rows).set_index("A − B")
 
 

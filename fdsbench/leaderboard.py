@@ -51,7 +51,8 @@ def format_run_table(records: list[dict]) -> str:
                      f"{r['episodes']}/{r['episodes_total']}" + ("" if done else f" {INCOMPLETE_MARK}"),
                      pct("miou"), pct("fbiou"), pct("episode_miou"), pct("per_image_iou"), pct("per_image_dice"),
                      pct("image_auroc"), pct("pixel_auroc"), pct("pixel_f1_max"), pct("aupro"),
-                     "–" if t.get("fps") is None else f"{t['fps']:.2f}", "–" if p50 is None else f"{1000 * p50:.1f}"])
+                     "–" if t.get("fps") is None else f"{t['fps']:.2f}",
+                     "–" if p50 is None else f"{1000 * p50:.1f}"])
     df = pd.DataFrame(rows, columns=cols).set_index("run")
     note = f"\n{RANDOM_MARK} random-init weights: numbers are not the paper's." if any(map(is_random, records)) else ""
     if any(r.get("complete") is False for r in records):
@@ -214,7 +215,8 @@ def leaderboard_markdown(frame: pd.DataFrame, source: str, metric: str | None = 
     dataset, proto = runs["dataset"].iloc[0], runs["protocol"].iloc[0]
     idents = sorted(runs["benchmark"].unique())
     parts = [f"# {dataset} — protocol {proto}\n",
-             f"Built by `fdsbench leaderboard` from {len(runs)} run record{'s' if len(runs) != 1 else ''} in `{source}` "
+             f"Built by `fdsbench leaderboard` from {len(runs)} run record{'s' if len(runs) != 1 else ''} "
+             f"in `{source}` "
              f"({int(runs['complete'].sum())} complete). Cells: mean ± std over runs (%), one cell per dataset "
              f"identity, protocol, shot and fold (1-shot and 5-shot are never averaged). "
              f"{RANDOM_MARK} = random-init weights (not the paper's numbers).\n"]
@@ -234,8 +236,8 @@ def leaderboard_markdown(frame: pd.DataFrame, source: str, metric: str | None = 
 
 def write_leaderboards(runs_dir: Path, out: Path, metric: str | None = None) -> list[Path]:
     """Per (dataset, protocol): one Markdown file ``<dataset>_<protocol>.md`` and the accuracy-vs-FPS plot
-    ``<dataset>_<protocol>.png`` (the names of earlier versions), plus ``..._by_size.png`` and
-    ``..._per_class.png`` for segmentation protocols; and the tidy frame of all records as
+    ``<dataset>_<protocol>.png`` (the names of earlier versions), ``..._per_class.png`` and, for
+    segmentation protocols, ``..._by_size.png``; and the tidy frame of all records as
     ``results.csv`` / ``results.jsonl``."""
     from .papers import gfds_speed_references
     from .plots import fps_scatter, per_class_bars, size_buckets
@@ -252,8 +254,8 @@ def write_leaderboards(runs_dir: Path, out: Path, metric: str | None = None) -> 
                             references=gfds_speed_references() if m == "miou" else None)]
         if proto != "fad":
             pngs.append(size_buckets(part, out / f"{stem}_by_size.png"))
-            pngs.append(per_class_bars(part, out / f"{stem}_per_class.png",
-                                       PER_CLASS_METRIC.get(PRIMARY_METRIC.get(proto, "miou"), "iou")))
+        pngs.append(per_class_bars(part, out / f"{stem}_per_class.png",
+                                   PER_CLASS_METRIC.get(PRIMARY_METRIC.get(proto, "miou"), "iou")))
         path = out / f"{stem}.md"
         atomic_write_text(path, leaderboard_markdown(part, str(runs_dir), metric, tuple(p.name for p in pngs)))
         written += [path, *pngs]

@@ -193,14 +193,16 @@ def gfds_table4(frame: pd.DataFrame) -> PaperTable:
         part = done[done["benchmark"] == ident]
         for (lab, fold), runs in part.groupby(["label", "fold"], sort=True):
             pc = runs[(runs["class"] != ALL) & (runs["metric"] == "iou")].copy()
-            pc["product"] = pc["class"].str.split("/").str[0].map(GFDS_COLUMNS).fillna(pc["class"].str.split("/").str[0])
+            obj = pc["class"].str.split("/").str[0]
+            pc["product"] = obj.map(GFDS_COLUMNS).fillna(obj)
             per_run = pc.groupby(["product", "run_id"])["value"].mean().groupby("product").agg(["mean", "std", "count"])
             row = {"source": f"ours, fold {fold} ({runs['run_id'].nunique()} runs)"}
             for p in products:
                 row[p] = (fmt_cell(*per_run.loc[p]) + ", –") if p in per_run.index else "–"
             mi = run_values(runs, "miou")["value"].dropna()
             fb = run_values(runs, "fbiou")["value"].dropna()
-            row["Average"] = f"{fmt_cell(mi.mean() if len(mi) else np.nan)}, {fmt_cell(fb.mean() if len(fb) else np.nan)}"
+            row["Average"] = (f"{fmt_cell(mi.mean() if len(mi) else np.nan)}, "
+                              f"{fmt_cell(fb.mean() if len(fb) else np.nan)}")
             fps = runs.drop_duplicates("run_id")["fps"].dropna()
             row["FPS"] = "–" if fps.empty else f"{fps.mean():.1f}"
             rows.append(row)
@@ -216,7 +218,8 @@ def gfds_table4(frame: pd.DataFrame) -> PaperTable:
 
 # ----------------------------------------------------------------------------------- NBR+CaP Tables II/III
 
-NBR_TABLES = {"per_image_iou": ("Table II", "mean per-image IoU"), "per_image_dice": ("Table III", "mean per-image Dice")}
+NBR_TABLES = {"per_image_iou": ("Table II", "mean per-image IoU"),
+              "per_image_dice": ("Table III", "mean per-image Dice")}
 
 
 def _category(obj: str) -> str:

@@ -89,10 +89,9 @@ def build_report(records, title: str = "fdsbench report", source: str = "") -> s
         if proto != "fad" and (part["size_kind"] != "").any():
             parts.append(f"<h3>IoU by defect size — protocol {_e(proto)}</h3>"
                          + _img(png_bytes(size_buckets(part)), f"{proto} IoU by defect size"))
-        if proto != "fad":
-            parts.append(f"<h3>Per-class {_e(METRIC_NAMES.get(PER_CLASS_METRIC[metric]))} with the 95 % bootstrap CI of the class mean"
-                         f" — protocol {_e(proto)}</h3>"
-                         + _img(png_bytes(per_class_bars(part, metric=PER_CLASS_METRIC[metric])), f"{proto} per class"))
+        parts.append(f"<h3>Per-class {_e(METRIC_NAMES.get(PER_CLASS_METRIC[metric]))} with the 95 % "
+                     f"bootstrap CI of the class mean — protocol {_e(proto)}</h3>"
+                     + _img(png_bytes(per_class_bars(part, metric=PER_CLASS_METRIC[metric])), f"{proto} per class"))
     for (dataset, proto), part in frame.groupby(["dataset", "protocol"]):
         parts.append(f"<h2>{_e(dataset)} — protocol {_e(proto)}</h2>")
         for ident, ipart in part.groupby("benchmark"):

@@ -7,7 +7,8 @@
   ``†`` for random-init weights), ``preset``, ``config_hash``, ``weights`` (``name=sha256|random-init``),
   ``random_init``, ``trained_on``, ``dataset``, ``dataset_hash``, ``dataset_options``, ``protocol``,
   ``protocol_hash`` (the protocol options), ``benchmark`` (dataset name + content hash + protocol +
-  its options hash: the unit no table cell and no plot panel ever mixes), ``aggregation`` (``class_mean`` or ``pooled``),
+  its options hash: the unit no table cell and no plot panel ever mixes), ``aggregation``
+  (``class_mean`` or ``pooled``),
   ``score_mode``, ``threshold``, ``manifest_hash``, ``fold``, ``shot``, ``seed``, ``episodes``,
   ``episodes_total``, ``complete``, ``max_episodes``, ``device``, ``device_name``, ``precision``,
   ``torch``, ``fdsbench``, ``python`` and the timing (``fps``, ``predict_p50_ms``, ``predict_p95_ms``,

@@ -10,7 +10,8 @@ from fdsbench.results import results_frame
 def record(method, fold, shot, seed, miou, per_class, random=True, preset="cpu"):
     """A record written before complete/aggregation/method_label existed (legacy reader path)."""
     return {"run_id": f"{method}_{fold}_{shot}_{seed}", "method": method, "preset": preset, "dataset": "synthetic",
-            "protocol": {"name": "fss"}, "fold": fold, "shot": shot, "seed": seed, "manifest_hash": f"m{fold}{shot}{seed}",
+            "protocol": {"name": "fss"}, "fold": fold, "shot": shot, "seed": seed,
+            "manifest_hash": f"m{fold}{shot}{seed}",
             "weights": {"bb": "random-init" if random else "abc"}, "device": "cpu", "precision": "fp32",
             "environment": {"device_name": "cpu"}, "timing": {"fps": 10.0, "predict": {"p50_s": 0.1}},
             "metrics": {"miou": miou, "fbiou": 0.5, "per_class": {c: {"iou": v} for c, v in per_class.items()}}}
@@ -47,7 +48,8 @@ def test_mean_needs_every_fold():
 
 
 def test_shots_are_never_averaged():
-    table = fold_table([make_record("a", shot=1, per_class={"o/1": 0.1}), make_record("a", shot=5, per_class={"o/1": 0.5})])
+    table = fold_table([make_record("a", shot=1, per_class={"o/1": 0.1}),
+                        make_record("a", shot=5, per_class={"o/1": 0.5})])
     row = table.splitlines()[2]
     assert "10.0" in row and "50.0" in row and "30.0" not in row
 
