@@ -237,8 +237,8 @@ def leaderboard_markdown(frame: pd.DataFrame, source: str, metric: str | None = 
 def write_leaderboards(runs_dir: Path, out: Path, metric: str | None = None) -> list[Path]:
     """Per (dataset, protocol): one Markdown file ``<dataset>_<protocol>.md`` and the accuracy-vs-FPS plot
     ``<dataset>_<protocol>.png`` (the names of earlier versions), ``..._per_class.png`` and, for
-    segmentation protocols, ``..._by_size.png``; and the tidy frame of all records as
-    ``results.csv`` / ``results.jsonl``."""
+    segmentation protocols, ``..._by_size.png``; ``paper_tables.md`` (the papers' tables with our runs);
+    and the tidy frame of all records as ``results.csv`` / ``results.jsonl``."""
     from .papers import gfds_speed_references
     from .plots import fps_scatter, per_class_bars, size_buckets
 
@@ -259,5 +259,21 @@ def write_leaderboards(runs_dir: Path, out: Path, metric: str | None = None) -> 
         path = out / f"{stem}.md"
         atomic_write_text(path, leaderboard_markdown(part, str(runs_dir), metric, tuple(p.name for p in pngs)))
         written += [path, *pngs]
+    path = out / "paper_tables.md"
+    atomic_write_text(path, paper_tables_markdown(frame, str(runs_dir)))
+    written.append(path)
     written += write_frame(frame, out)
     return written
+
+
+def paper_tables_markdown(frame: pd.DataFrame, source: str) -> str:
+    """Every paper-shaped table: the papers' numbers (source ``paper Table N``) and our complete runs."""
+    from .papers import paper_tables
+
+    parts = [f"# Paper-shaped tables\n\nBuilt by `fdsbench leaderboard` from the run records in `{source}`. Rows "
+             f"whose source is `paper Table N` are the papers' reported numbers (fdsbench/paper_refs); rows marked "
+             f"`ours` are our complete runs on that benchmark. {RANDOM_MARK} = random-init weights.\n"]
+    for t in paper_tables(frame):
+        parts.append(f"## {t.title}\n\n{t.caption}\n\n{to_markdown(t.table)}\n\n"
+                     + (records_note(t.run_ids) if t.has_runs else "No run of ours on this benchmark yet.") + "\n")
+    return "\n".join(parts)

@@ -74,7 +74,10 @@ def test_write_leaderboards(tmp_path):
     assert "Built from 2 run records: `a_0_1_0`, `b_0_1_0`" in md
     assert (tmp_path / "lb" / "synthetic_fss.png").exists()
     assert {p.name for p in paths} == {"synthetic_fss.md", "synthetic_fss.png", "synthetic_fss_by_size.png",
-                                       "synthetic_fss_per_class.png", "results.csv", "results.jsonl"}
+                                       "synthetic_fss_per_class.png", "paper_tables.md", "results.csv",
+                                       "results.jsonl"}
+    papers = (tmp_path / "lb" / "paper_tables.md").read_text()
+    assert "## SOFS Table 1: FSS on VISION V1" in papers and "| SOFS (DINOv2-B)" in papers
     assert "![synthetic_fss.png](synthetic_fss.png)" in md
 
 
