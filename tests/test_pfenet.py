@@ -8,9 +8,9 @@ import torch
 from fdsbench.blocks.backbones import IMAGENET_MEAN, IMAGENET_STD
 from fdsbench.blocks.masks import downsample_keep_small
 from fdsbench.blocks.training import TrainLoop
-from fdsbench.errors import WeightsError
+from fdsbench.errors import FdsError, WeightsError
 from fdsbench.registry import get_method
-from fdsbench.types import Shot, SupportSet
+from fdsbench.types import Query, Shot, SupportSet
 
 from fdsbench.methods.pfenet.method import HEAD_GROUPS, canvas_image, canvas_label, canvas_output, canvas_size
 from fdsbench.methods.pfenet.model import PFENet, load_official, pfenet_loss, prior_mask
@@ -74,7 +74,7 @@ def test_official_shapes_at_473(official):
 
 def test_official_refuses_non_8k_plus_1(official):
     x, s_x, s_y = episode(1, 1, 64)
-    with pytest.raises(Exception, match="8k\\+1"):
+    with pytest.raises(FdsError, match="8k\\+1"):
         official(x, s_x, s_y)
 
 
@@ -250,6 +250,17 @@ def test_official_canvas_padding():
     assert p.shape == (600, 400)
 
 
+def test_official_preset_predicts_through_the_canvas():
+    m = M.from_preset("official", {"weights": "random", "image_size": 97})
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (150, 120, 3), dtype=np.uint8)
+    mask = np.zeros((150, 120), bool)
+    mask[40:90, 30:70] = True
+    state = m.prepare(SupportSet("obj/c", [Shot("s", img, mask, None)], 0))
+    p = m.predict(state, Query("q", img))
+    assert p.shape == (150, 120) and p.dtype == np.float32 and 0 <= p.min() and p.max() <= 1
+
+
 def test_short_fit_reduces_the_loss():
     m = M.from_preset("test")
     x, s_x, s_y = episode(2, 1, 64, seed=7)
@@ -267,7 +278,7 @@ def test_short_fit_reduces_the_loss():
     assert losses[-1] < 0.7 * losses[0]
     y = torch.zeros(1, 8, 8, dtype=torch.long)
     y[0, 0, 0] = 255
-    lo = torch.zeros(1, 2, 8, 8, requires_grad=True)
+    lo = torch.zeros(1, 2, 8, 8)
     assert float(pfenet_loss(lo, [], y)) == pytest.approx(np.log(2), abs=1e-6)
 
 
