@@ -243,3 +243,95 @@ class TimingMeter:
         if environment:
             out["environment"] = environment_info(self.device)
         return out
+
+
+# ---- GPU-aware options of a timed run ----------------------------------------------------------
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def method_modules(method) -> list:
+    """The torch modules a method runs: its ``nn.Module`` attributes and its ``model`` property
+    (built on first use by methods that load lazily), each once."""
+    torch = _torch()
+    found = [v for v in vars(method).values() if isinstance(v, torch.nn.Module)]
+    if isinstance(getattr(type(method), "model", None), property):
+        model = method.model
+        if isinstance(model, torch.nn.Module):
+            found.append(model)
+    out, seen = [], set()
+    for m in found:
+        if id(m) not in seen:
+            seen.add(id(m))
+            out.append(m)
+    return out
+
+
+def accelerate(method, device, compile: bool = False, channels_last: bool = False,
+               cudnn_benchmark: bool = False) -> dict:
+    """Apply the speed options of a timed run to ``method`` and return what was applied (recorded
+    in the run record): ``cudnn.benchmark`` (autotuned convolutions per input shape: pair it with
+    per-shape warm-up), ``channels_last`` memory format of the modules' 4-D weights, and
+    ``torch.compile`` of each module in place (``nn.Module.compile``: parameter names unchanged)."""
+    torch = _torch()
+    applied = {"compile": bool(compile), "channels_last": bool(channels_last),
+               "cudnn_benchmark": bool(cudnn_benchmark) and _device_type(device) == "cuda", "modules": []}
+    if applied["cudnn_benchmark"]:
+        torch.backends.cudnn.benchmark = True
+    if compile or channels_last:
+        mods = method_modules(method)
+        if not mods:
+            raise FdsError(f"method '{method.name}' exposes no torch module (an nn.Module attribute or a `model` "
+                           f"property): --compile / --channels-last cannot apply; drop them")
+        for m in mods:
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
+            if compile:
+                m.compile()
+        applied["modules"] = [type(m).__name__ for m in mods]
+    return applied
+
+
+def autocast(device, dtype: str | None):
+    """``torch.autocast`` for a method that declares ``autocast = "bf16"`` / ``"fp16"``; a no-op
+    context for fp32."""
+    import contextlib
+
+    if not dtype:
+        return contextlib.nullcontext()
+    if dtype not in AUTOCAST_DTYPES:
+        raise FdsError(f"unknown autocast dtype '{dtype}'; use {', '.join(AUTOCAST_DTYPES)} or none")
+    torch = _torch()
+    return torch.autocast(_device_type(device), dtype=getattr(torch, AUTOCAST_DTYPES[dtype]))
+
+
+class ShapeWarmup:
+    """Per-shape warm-up: the first call with each new input shape runs once untimed before its timed
+    call (cuDNN autotuning and compiled graphs are per shape). The untimed output is dropped; the
+    timed call's output is the one scored, so results are unchanged for deterministic methods."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.shapes: set = set()
+        self.calls = 0
+
+    def __call__(self, shape, fn) -> None:
+        if self.enabled and shape not in self.shapes:
+            self.shapes.add(shape)
+            fn()
+            self.calls += 1
+
+
+def output_difference(reference, other, threshold: float = 0.5) -> dict:
+    """How far ``other`` probability maps are from ``reference`` ones (e.g. autocast vs fp32 on the
+    same queries): max and mean absolute difference, and the fraction of pixels whose binarisation
+    at ``threshold`` flips."""
+    if len(reference) != len(other) or not len(reference):
+        raise FdsError("output_difference needs the same, non-zero number of maps on both sides")
+    mx, total, flips, n = 0.0, 0.0, 0, 0
+    for a, b in zip(reference, other):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        d = np.abs(a - b)
+        mx, total, n = max(mx, float(d.max())), total + float(d.sum()), n + d.size
+        flips += int(np.count_nonzero((a > threshold) != (b > threshold)))
+    return {"queries": len(reference), "max_abs": mx, "mean_abs": total / n, "flipped_fraction": flips / n,
+            "threshold": threshold}

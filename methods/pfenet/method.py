@@ -168,6 +168,8 @@ class PFENetMethod(Method):
                  "reduce_dim": 16, "epochs": 1, "batch_size": 2, "max_iters_per_epoch": 2, "cache_images": 64},
     }
     default_preset = "cpu"
+    #: preset -> its row in GFDS Table 4 (the FPS table's paper FPS, RTX 3090 Ti)
+    speed_reference = {"fps": "PFENet"}
 
     def __init__(self, config=None, device: str = "cpu"):
         super().__init__(config, device)

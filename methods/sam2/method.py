@@ -65,6 +65,10 @@ class Sam2VideoTrack(Method):
         "test": {"model": "t", "image_size": 128, "weights": "random"},
     }
     default_preset = "cpu"
+    #: preset -> its row in GFDS Table 4 (the FPS table's paper FPS, RTX 3090 Ti)
+    speed_reference: ClassVar[dict[str, str]] = {"sam2-t-1024": "SAM2-t(1024)", "sam2-s-1024": "SAM2-s(1024)",
+                                                 "sam2-b-1024": "SAM2-b(1024)", "sam2-l-1024": "SAM2-l(1024)",
+                                                 "sam2-s-512": "SAM2-s(512)", "sam2-s-256": "SAM2-s(256)"}
 
     def __init__(self, config=None, device: str = "cpu"):
         super().__init__(config, device)
