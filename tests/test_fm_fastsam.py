@@ -156,3 +156,19 @@ def test_missing_fastsam_weights_are_a_clear_error(monkeypatch, tmp_path):
         m.everything
     assert FMFastSAM({}).requires.weights == ("fm_l", "fastsam_x")
     assert FMFastSAM.presets["fm-l-fastsam-s"] == {"fastsam": "s"}
+
+
+@pytest.mark.parametrize("method", ["fm", "fm_fastsam"])
+def test_gfds_protocol_runs_offline_and_records(method, tmp_path):
+    """GFDS benchmark protocol (256×256 decoding, official pairing) end to end, a few episodes."""
+    from fdsbench.datasets._testing import make_gfds
+    from fdsbench.runner import BenchSpec, run
+
+    root = make_gfds(tmp_path / "gfds", 40, 40)
+    spec = BenchSpec(method=method, dataset="gfds", data_root=str(root), fold=2, preset="test",
+                     protocol_options={"resize": 256, "draw": "gfds"}, workdir=str(tmp_path / "runs"),
+                     max_episodes=2, progress=False)
+    rec = run(spec, log=lambda s: None)[0]
+    assert rec["protocol"]["draw"] == "gfds" and rec["protocol"]["resize"] == [256, 256]
+    assert rec["metrics"]["miou"] is not None and "runtime" in rec
+    assert all(v == "random-init" for v in rec["weights"].values())
