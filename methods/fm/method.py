@@ -96,8 +96,9 @@ def to_mask(mask: np.ndarray, size: int) -> torch.Tensor:
 
 @register_method("fm")
 class FeatureMatching(Method):
-    """GFDS feature matching (FM-l / FM-s): distilled PDN features, PatchAvg fg + dense bg prototypes,
-    cosine max-similarity, softmax of 10·[s_b, s_f]."""
+    """GFDS feature matching (FM-l / FM-s): distilled CNN features matched to support prototypes.
+
+    PatchAvg foreground and dense background prototypes, max cosine similarity, softmax of 10·[s_b, s_f]."""
 
     requires: ClassVar[Requirements] = Requirements(weights=("fm_l",), fad=False, gpu_recommended=True)
     Config = FMConfig

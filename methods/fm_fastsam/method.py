@@ -62,8 +62,10 @@ FUSION_ROWS = {  # Table 4 rows with FastSAM and the fusion ablation (Table 7), 
 
 @register_method("fm_fastsam")
 class FMFastSAM(FeatureMatching):
-    """FM-l + FastSAM (GFDS): FastSAM "everything" masks selected by their overlap with FM's mask,
-    fused with its connected components (boundary refinement)."""
+    """FM-l + FastSAM (GFDS): FM's mask refined by FastSAM's "everything" masks.
+
+    Masks are selected by their overlap with FM's mask and fused with its connected components
+    (the released code's boundary refinement by default)."""
 
     requires: ClassVar[Requirements] = Requirements(weights=("fm_l", "fastsam_x"), fad=False, gpu_recommended=True)
     Config = FMFastSAMConfig
