@@ -70,9 +70,10 @@ class DistillConfig:
     seed: int = 0
     checkpoint_every: int = 1000
     device: str = "cpu"
+    workers: int = 0  # DataLoader processes decoding images (the sample sequence does not depend on it)
 
 
-class Samples:
+class Samples(torch.utils.data.Dataset):
     """Deterministic, resumable sample stream over an image folder (see the module doc)."""
 
     def __init__(self, folder: str | Path, seed: int, student_size: int, teacher_size: int, grayscale_p: float):
@@ -104,9 +105,11 @@ class Samples:
             image = image.convert("L").convert("RGB")  # RandomGrayscale: 3 equal channels
         return self.teacher_view(image), self.student_view(image)
 
-    def batch(self, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [self.sample(step * size + i) for i in range(size)]
-        return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+    def __len__(self) -> int:
+        return 2 ** 62  # an endless stream; the loader's sampler says which samples to draw
+
+    def __getitem__(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sample(g)
 
 
 class Teacher(torch.nn.Module):
@@ -163,7 +166,7 @@ def _save_checkpoint(path: Path, student, optimizer, step: int, teacher: Teacher
 def recipe(cfg: DistillConfig, teacher_sha: str) -> dict:
     """What the result depends on (recorded in the JSON and the registry; without ``steps``, the resume key)."""
     d = dataclasses.asdict(cfg)
-    for k in ("name", "checkpoint_every", "device"):
+    for k in ("name", "checkpoint_every", "device", "workers"):
         d.pop(k)
     d["images"] = str(Path(cfg.images).expanduser().resolve())
     d["teacher"] = TEACHER
@@ -207,8 +210,9 @@ def distill(cfg: DistillConfig, out: str | Path, *, progress: bool = True,
     student.train()
     t0 = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"distill {cfg.name}", disable=not progress, file=sys.stderr)
-    while step < cfg.steps:
-        x_t, x_s = samples.batch(step, cfg.batch_size)
+    loader = torch.utils.data.DataLoader(samples, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                         sampler=range(step * cfg.batch_size, cfg.steps * cfg.batch_size))
+    for x_t, x_s in loader:
         target = teacher(x_t.to(cfg.device))
         loss = ((student(x_s.to(cfg.device)) - target) ** 2).mean()
         if not torch.isfinite(loss):
@@ -253,7 +257,8 @@ def main(argv=None) -> int:
     p.add_argument("--fm-l-arch", choices=("code", "table3"), default=d.fm_l_arch)
     p.add_argument("--teacher-weights", default=d.teacher_weights,
                    help="dino_deitsmall8_pretrain.pth path, 'default' (weights table lookup) or 'random' (tests)")
-    for name in ("steps", "batch_size", "student_size", "teacher_size", "norm_images", "seed", "checkpoint_every"):
+    for name in ("steps", "batch_size", "student_size", "teacher_size", "norm_images", "seed", "checkpoint_every",
+                 "workers"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "weight_decay", "grayscale_p"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
