@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fdsbench import weights as W
 from fdsbench.blocks.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from fdsbench.blocks.backbones.taps import feature_taps, tap_dims
 from fdsbench.blocks.nr import EpisodeSampler, NRSettings
@@ -230,8 +230,6 @@ class PFENetMethod(Method):
 
     def load_checkpoint(self, path: str) -> None:
         """Official PFENet checkpoint (dict with ``state_dict``, keys ``module.*``), loaded strictly."""
-        from fdsbench import weights as W
-
         if self.config.arch != "official":
             raise FdsError("pfenet: official checkpoints need arch=official (the industrial rows have none)")
         load_official(self.model, str(path))
@@ -337,7 +335,7 @@ class PFENetMethod(Method):
     def describe(self) -> dict:
         d = super().describe()
         if self.config.mask_rule == "gfds":  # which branch of the small-defect rule fired, per support
-            d["mask_branches"] = dict(Counter(self.model.mask_branches))
+            d["mask_branches"] = dict(self.model.mask_branches)
         if self.history:
             d["training"] = self.history
         return d

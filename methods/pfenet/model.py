@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdsbench import weights as W
 from fdsbench.blocks.backbones import build_backbone
 from fdsbench.blocks.losses import dice_loss, mixed_normal_dice_loss
 from fdsbench.blocks.masks import downsample_keep_small, weighted_gap
@@ -196,10 +197,10 @@ class PFENet(PFENetHead):
             if weights != "random":
                 raise FdsError("pfenet: VGG-16-bn is built with random weights only; load an official "
                                "PFENet checkpoint (which holds the backbone) with load_official")
-            layers, fea_dim, self_prov = vgg16_bn_layers(), 512 + 256, {"name": backbone, "sha256": "random-init"}
+            layers, fea_dim, provenance = vgg16_bn_layers(), 512 + 256, {"name": backbone, "sha256": "random-init"}
         elif backbone in ("deep_resnet50", "deep_resnet101"):
             bb = build_backbone(backbone, weights, seed=0)
-            layers, fea_dim, self_prov = [getattr(bb, n) for n in self.LAYERS], 1024 + 512, dict(bb.provenance)
+            layers, fea_dim, provenance = [getattr(bb, n) for n in self.LAYERS], 1024 + 512, dict(bb.provenance)
         else:
             raise FdsError(f"pfenet: official backbone must be deep_resnet50, deep_resnet101 or vgg16_bn, not '{backbone}'")
         if backbone_bn not in ("train", "eval"):
@@ -209,7 +210,7 @@ class PFENet(PFENetHead):
             setattr(self, name, layer)
         for p in self.backbone_parameters():
             p.requires_grad_(False)
-        self.backbone_provenance = self_prov
+        self.backbone_provenance = provenance
         self.mask_layer4, self.strict_size, self.backbone_bn = mask_layer4, strict_size, backbone_bn
 
     def backbone_parameters(self):
@@ -295,8 +296,6 @@ def load_official(model: nn.Module, state, *, source: str = "state dict") -> Non
     """Strictly load an official PFENet checkpoint (``{'epoch', 'state_dict', 'optimizer'}`` or a bare
     state dict; keys with or without DataParallel's ``module.``). A mismatch is refused with every
     missing, unexpected and mis-shaped key named."""
-    from fdsbench import weights as W
-
     if not isinstance(state, dict):
         source = str(state)
         state = W.read_checkpoint(state, strip_prefixes=False)
@@ -310,8 +309,10 @@ def load_official(model: nn.Module, state, *, source: str = "state dict") -> Non
                     if tuple(sd[k].shape) != tuple(own[k].shape))
     if missing or unexpected or shaped:
         def listing(title, keys):
-            return f"\n  {len(keys)} {title}: " + ", ".join(keys[:40]) + (" ..." if len(keys) > 40 else "") if keys else ""
-        raise W.WeightsError(f"{source} is not a PFENet checkpoint for this configuration (backbone, shot-independent "
-                             f"head of {len(own)} tensors):" + listing("missing", missing) + listing("unexpected", unexpected)
-                             + listing("mis-shaped", shaped) + "\n  check the backbone (ResNet-50/101/VGG) and reduce_dim/ppm_scales")
+            shown = ", ".join(keys[:40]) + (" ..." if len(keys) > 40 else "")
+            return f"\n  {len(keys)} {title}: {shown}" if keys else ""
+        raise W.WeightsError(f"{source} is not a PFENet checkpoint for this model ({len(own)} tensors):"
+                             + listing("missing", missing) + listing("unexpected", unexpected)
+                             + listing("mis-shaped", shaped)
+                             + "\n  check the backbone (ResNet-50/101, VGG-16-bn), reduce_dim and ppm_scales")
     model.load_state_dict(sd, strict=True)
