@@ -23,24 +23,34 @@ PROP_EDGES = (0.003, 0.02)
 PIXEL_EDGES = (900, 10_000)
 
 
-def _parse_options(items) -> dict:
+def parse_dataset_options(items) -> dict:
+    """``["mask_threshold=0", "domain=view"]`` -> ``{"mask_threshold": 0, "domain": "view"}``: adapter
+    options as ``datasets check -o``, ``bench/episodes/fps --dataset-opt`` and ``DATASET_OPTS=`` pass them
+    (values read as YAML scalars, like ``--set``)."""
+    import yaml
+
     out = {}
     for item in items or []:
-        if "=" not in item:
-            raise FdsError(f"--option expects key=value, got '{item}'")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise FdsError(f"dataset option '{item}' is not key=value (e.g. --dataset-opt mask_threshold=0)")
         k, v = item.split("=", 1)
-        out[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else v.strip()
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            out[k.strip()] = v.strip()
     return out
 
 
 def open_dataset(name: str, root: str | None, cache_dir: str | None = None, options: dict | None = None):
+    """The adapter ``name`` on ``root`` with ``options``; a bad option name or value is one error."""
     from .registry import get_dataset
 
     cls = get_dataset(name)
     try:
         return cls(root, cache_dir=cache_dir, **(options or {}))
-    except TypeError as e:
-        raise FdsError(f"dataset '{name}' does not accept these options ({e})") from None
+    except (TypeError, ValueError) as e:
+        raise FdsError(f"dataset '{name}' does not accept the options {options or {}} ({e}); its options: "
+                       f"{', '.join(cls.option_names) or 'none'}") from None
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -106,7 +116,7 @@ def run_check(ds, out=print) -> int:
 
 def cmd_check(args) -> int:
     try:
-        ds = open_dataset(args.name, args.root, args.cache_dir, _parse_options(args.option))
+        ds = open_dataset(args.name, args.root, args.cache_dir, parse_dataset_options(args.option))
         ds.index
     except FdsError as e:  # a tree the adapter cannot even index: the one problem to report
         print(f"error: {e}")
@@ -215,7 +225,7 @@ def plot_stats(stats: dict, path: Path) -> Path:
 def cmd_stats(args) -> int:
     from .io import atomic_write_json
 
-    ds = open_dataset(args.name, args.root, args.cache_dir, _parse_options(args.option))
+    ds = open_dataset(args.name, args.root, args.cache_dir, parse_dataset_options(args.option))
     if not ds.index.classes:
         raise FdsError(f"dataset '{ds.name}' at {ds.root} has no defect masks to measure")
     total = sum(len(v) for v in ds.index.images_of.values())

@@ -26,3 +26,12 @@ class DataError(FdsError):
 
 class WeightsError(FdsError):
     """A missing or mismatching weights file (names the file, sha256 and where it is published)."""
+
+
+class WriteError(FdsError, OSError):
+    """A file that cannot be written (full disk, read-only or unwritable folder): names the file and
+    the fix. Also an ``OSError``, so callers that tolerate a failed optional write (a cache) still do.
+    Built as ``WriteError(errno, message)``."""
+
+    def __str__(self):
+        return self.strerror or super().__str__()

@@ -8,9 +8,10 @@ Nothing here downloads. A weights file is looked up, in order, at
 
 A missing file raises :class:`WeightsError` naming the file, the expected sha256 and where it is
 published; a file whose sha256 differs from the table's (or from the 8-hex prefix torchvision puts
-in its file names) raises :class:`WeightsError`. Where the table has no upstream hash (it was not
-verifiable offline) the check says so ("unknown upstream hash") and the file's own sha256 is
-recorded in the provenance, never a made-up one.
+in its file names) raises :class:`WeightsError`. Only a full sha256 match is "ok": a matching 8-hex
+prefix or an entry without a published hash (not verifiable offline) is "unverified" — usable, shown
+as UNVERIFIED by ``weights verify``, and the file's own sha256 is recorded in the provenance, never a
+made-up one.
 
 The table is ``fdsbench/weights_table.json`` (package data). CLI: ``fdsbench weights list``,
 ``fdsbench weights verify NAME|all``, ``fdsbench weights where NAME`` (see :func:`add_weights_cli`).
@@ -143,13 +144,25 @@ def file_sha256(path: str | os.PathLike) -> str:
 class Check:
     name: str
     path: Path | None
-    status: str  # "ok" | "ok (prefix)" | "unknown upstream hash" | "mismatch" | "missing"
+    status: str  # "ok" | UNVERIFIED_PREFIX | UNVERIFIED | "mismatch" | "missing"
     sha256: str | None
     message: str
 
     @property
     def ok(self) -> bool:
-        return self.status in ("ok", "ok (prefix)", "unknown upstream hash")
+        """Usable: the full sha256 matches, or there is no full published hash to refute the file."""
+        return self.status in ("ok", UNVERIFIED_PREFIX, UNVERIFIED)
+
+    @property
+    def verified(self) -> bool:
+        """The file's full sha256 equals the published one (the only status that proves the bytes)."""
+        return self.status == "ok"
+
+
+#: statuses of a file that could not be proven genuine: an 8-hex prefix (32 bits) is easy to forge,
+#: and without a published sha256 there is nothing to compare with
+UNVERIFIED_PREFIX = "unverified (only the 8-hex prefix is published; it matches)"
+UNVERIFIED = "unverified (no published sha256)"
 
 
 def check_file(entry: WeightsEntry, path: Path, expected_sha256: str | None = None) -> Check:
@@ -164,13 +177,14 @@ def check_file(entry: WeightsEntry, path: Path, expected_sha256: str | None = No
                      f"re-download it from {entry.url}")
     if entry.sha256_prefix:
         if sha.startswith(entry.sha256_prefix.lower()):
-            return Check(entry.name, path, "ok (prefix)", sha,
-                         f"sha256 starts with the published prefix {entry.sha256_prefix}")
+            return Check(entry.name, path, UNVERIFIED_PREFIX, sha,
+                         f"sha256 starts with the published prefix {entry.sha256_prefix}; the full hash is not "
+                         f"published, so the file is not proven genuine (its sha256 {sha} is recorded)")
         return Check(entry.name, path, "mismatch", sha,
                      f"weights file {path} for '{entry.name}' has sha256 {sha}, which does not start with "
                      f"the published prefix {entry.sha256_prefix}; re-download it from {entry.url}")
-    return Check(entry.name, path, "unknown upstream hash", sha,
-                 f"unknown upstream hash: no published sha256 in the table; file sha256 is {sha} (recorded)")
+    return Check(entry.name, path, UNVERIFIED, sha,
+                 f"unverified: no published sha256 in the table to compare with; file sha256 is {sha} (recorded)")
 
 
 def resolve(name: str, path: str | os.PathLike | None = None, *, expected_sha256: str | None = None,
@@ -364,18 +378,29 @@ def _cli_list(args) -> int:
     rows = weights_list()
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        hashed = r["sha256"] or (f"{r['sha256_prefix']}…" if r["sha256_prefix"] else "unknown upstream hash")
+        hashed = r["sha256"] or (f"{r['sha256_prefix']}… (prefix only)" if r["sha256_prefix"] else "no published sha256")
         print(f"{r['name']:<{width}}  {r['kind']:<7}  {r['file']:<28}  {hashed:<22}  "
               f"{r['found'] or 'missing'}  [{r['licence']}]  {r['url']}")
     return 0
 
 
 def _cli_verify(args) -> int:
-    bad = 0
+    """Exit 1 on a mismatch (or a missing named file); files whose bytes cannot be proven genuine
+    are listed as UNVERIFIED, never as fine."""
+    bad, unverified = 0, 0
     for c in weights_verify(args.name, args.path):
-        shown = c.message if c.status in ("missing", "mismatch") else f"{c.status}: {c.path} sha256 {c.sha256}"
+        if c.status in ("missing", "mismatch"):
+            shown = c.message
+        elif c.verified:
+            shown = f"ok: {c.path} sha256 {c.sha256} (matches the published sha256)"
+        else:
+            shown = f"UNVERIFIED: {c.path} sha256 {c.sha256} — {c.status}"
+            unverified += 1
         print(f"{c.name}: {shown}")
         bad += c.status == "mismatch" or (c.status == "missing" and args.name != "all")
+    if unverified:
+        print(f"{unverified} file(s) UNVERIFIED: no full published sha256 to compare with; their sha256 is recorded "
+              f"in every run record, compare it with a copy you trust")
     return 1 if bad else 0
 
 

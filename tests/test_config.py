@@ -24,7 +24,7 @@ def test_overrides_are_typed_like_the_defaults():
 
 
 def test_bad_overrides_are_named():
-    with pytest.raises(FdsError, match="'lr' of Cfg is a number; got 'fast'"):
+    with pytest.raises(FdsError, match="'lr' of Cfg must be a number, got 'fast'"):
         build_config(Cfg, {}, None, {"lr": "fast"})
     with pytest.raises(FdsError, match="unknown config key.*lrr.*known: layers, lr, name, steps"):
         build_config(Cfg, {}, None, {"lrr": 1})

@@ -92,9 +92,9 @@ def test_unknown_upstream_hash_is_said_and_file_hash_recorded(dirs):
     wdir, _ = dirs
     sha = _write(wdir / "dino_deitsmall8_pretrain.pth")
     path, prov = W.resolve("dino_vits8")
-    assert prov["sha256"] == sha and prov["check"] == "unknown upstream hash"
+    assert prov["sha256"] == sha and prov["check"] == W.UNVERIFIED
     (c,) = W.weights_verify("dino_vits8")
-    assert c.status == "unknown upstream hash" and c.ok and "unknown upstream hash" in c.message
+    assert c.status == W.UNVERIFIED and c.ok and not c.verified and "unverified" in c.message
 
 
 def test_user_file_under_own_name_is_recorded_not_compared(dirs, tmp_path):
@@ -169,7 +169,7 @@ def test_cli_list_verify_where(dirs, capsys):
     out = capsys.readouterr().out
     assert "dinov2_vitb14" in out and str(wdir / "dinov2_vitb14_pretrain.pth") in out and "missing" in out
     assert _cli(["weights", "verify", "dinov2_vitb14"]) == 0
-    assert f"unknown upstream hash: {wdir / 'dinov2_vitb14_pretrain.pth'} sha256 {sha}" in capsys.readouterr().out
+    assert f"UNVERIFIED: {wdir / 'dinov2_vitb14_pretrain.pth'} sha256 {sha}" in capsys.readouterr().out
     assert _cli(["weights", "verify", "resnet18"]) == 1  # prefix mismatch
     assert "does not start with the published prefix f37072fd" in capsys.readouterr().out
     assert _cli(["weights", "verify", "all"]) == 1

@@ -182,11 +182,16 @@ class TrainLoop:
         if not found:
             return False
         _, path = found
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # plain tensors and containers only: a crafted pickle in a shared workdir cannot run code
+            ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint names the file
-            raise FdsError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); delete it to restart "
-                           f"from the previous epoch") from None
+            raise FdsError(f"cannot read checkpoint {path} as plain tensors ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); it is damaged or was not written "
+                           f"by fdsbench: delete it to restart from the previous epoch") from None
+        if not isinstance(ck, dict) or not {"epoch", "iteration", "model", "optimizer"} <= set(ck):
+            raise FdsError(f"checkpoint {path} is not a training checkpoint of fdsbench (keys: "
+                           f"{', '.join(map(str, ck)) if isinstance(ck, dict) else type(ck).__name__}); delete it "
+                           f"to restart from the previous epoch")
         if ck.get("fingerprint", "") != self.fingerprint:
             self.log(f"ignoring checkpoint {path}: made with another configuration")
             return False
