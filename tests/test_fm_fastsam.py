@@ -98,7 +98,8 @@ OFFLINE_SCRIPT = textwrap.dedent("""
     print(json.dumps({"calls": guard.calls, "online": U.ONLINE, "n": int(a.shape[0]),
                       "same": bool(torch.equal(a, b)), "bare": bare, "dtype": str(a.dtype),
                       "config_dir": os.environ["YOLO_CONFIG_DIR"], "autoinstall": U.AUTOINSTALL,
-                      "settings": str(U.SETTINGS.file)}))
+                      "settings": str(U.SETTINGS.file),
+                      "params_M": sum(p.numel() for p in model.model.parameters()) / 1e6}))
 """)
 
 
@@ -114,6 +115,7 @@ def test_fastsam_offline_both_call_paths_under_the_network_guard(tmp_path):
     r = _run(OFFLINE_SCRIPT, tmp_path)
     assert r["calls"] == [] and r["online"] is False and r["autoinstall"] is False
     assert r["n"] > 0 and r["same"] and r["dtype"] == "torch.bool"
+    assert round(r["params_M"], 1) == 11.8  # FastSAM-s = YOLOv8s-seg (FastSAM-x builds the same way: 71.8 M)
     assert r["bare"] == "WeightsError"  # a bare name would make ultralytics download it
     assert r["config_dir"] == str(tmp_path / "cache" / "ultralytics")
     assert r["settings"].startswith(str(tmp_path / "cache" / "ultralytics"))
