@@ -2,9 +2,10 @@
 cache, and an ordered background worker for scoring.
 
 * :func:`decode_image` is OpenCV's decoder (``cv2.imdecode``, libpng / libjpeg-turbo) wherever it
-  gives the same pixels as Pillow's ``Image.open(...).convert("RGB")`` (8-bit PNG, JPEG and BMP in
-  the grey, palette, RGB(A) and 1-bit modes; tested pixel for pixel); anything else (16-bit, CMYK,
-  other formats) goes through Pillow, the reference decoder of :func:`fdsbench.io.read_image`.
+  gives the same pixels as Pillow's ``Image.open(...).convert("RGB")`` (8-bit PNG of every colour
+  type, palette and 1-bit PNG, grey and colour JPEG; tested pixel for pixel), decided from the file
+  header; anything else (16-bit PNG, CMYK JPEG, other formats) goes through Pillow, the reference
+  decoder of :func:`fdsbench.io.read_image`.
 * :class:`DecodedCache` keeps decoded images and ground-truth masks up to a byte budget (least
   recently used out first): supports and queries recur across episodes of a manifest.
 * :class:`EpisodeLoader` decodes an episode's support set and queries; :meth:`EpisodeLoader.iterate`
@@ -17,9 +18,12 @@ cache, and an ordered background worker for scoring.
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import queue
+import sys
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -34,26 +38,39 @@ from .seeding import derive_seed
 from .types import Episode, NormalPool, Query, Shot, SupportSet
 
 DEFAULT_CACHE_MB = 512
-# formats and modes where OpenCV's decode equals Pillow's convert("RGB") (tests/test_loading.py)
-_CV2_FORMATS = {"PNG", "JPEG", "BMP"}
-_CV2_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}
+_PNG = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _opencv_decodes_like_pillow(data: bytes) -> bool:
+    """From the file header alone (no Python-heavy parsing in the decoding threads): an 8-bit PNG
+    (any colour type), a palette or 1-bit grey PNG, or a JPEG with 1 or 3 components — the cases
+    where OpenCV's pixels equal Pillow's ``convert("RGB")`` (tests/test_loading.py)."""
+    if data[:8] == _PNG and data[12:16] == b"IHDR" and len(data) > 26:
+        depth, colour = data[24], data[25]
+        return depth == 8 or colour == 3 or (colour == 0 and depth == 1)
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data) and data[i] == 0xFF:
+            marker = data[i + 1]
+            if marker in _JPEG_SOF:
+                return data[i + 9] in (1, 3)  # grey or YCbCr/RGB; CMYK/YCCK differ
+            if marker == 0xFF:
+                i += 1
+                continue
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
 
 
 def decode_image(path: str | Path) -> np.ndarray:
     """RGB uint8 [H, W, 3], writable; pixel-identical to :func:`fdsbench.io.read_image`, faster."""
     import cv2
-    from PIL import Image, UnidentifiedImageError
 
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # header only: format and mode
-            fast = im.format in _CV2_FORMATS and im.mode in _CV2_MODES
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        fast = False  # let the reference decoder name the problem
-    if fast:
+    if _opencv_decodes_like_pillow(data):
         # IMREAD_UNCHANGED: no EXIF rotation and no grey->colour conversion rules of OpenCV's own
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if arr is not None and arr.dtype == np.uint8:
@@ -63,7 +80,7 @@ def decode_image(path: str | Path) -> np.ndarray:
                 return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
             if arr.shape[2] == 4:
                 return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
-    return read_image(path)
+    return read_image(path)  # the reference decoder names a damaged file
 
 
 class DecodedCache:
@@ -101,6 +118,17 @@ class DecodedCache:
         return len(self._items)
 
 
+_CACHES: "weakref.WeakKeyDictionary[DatasetAdapter, DecodedCache]" = weakref.WeakKeyDictionary()
+
+
+def _shared_cache(ds: DatasetAdapter, max_bytes: int) -> DecodedCache:
+    """One cache per adapter object, so the runs (seeds) of one benchmark share decoded images."""
+    cache = _CACHES.get(ds)
+    if cache is None or cache.max_bytes != max_bytes:
+        cache = _CACHES[ds] = DecodedCache(max_bytes)
+    return cache
+
+
 class EpisodeLoader:
     """Decodes an episode's support set and queries from the dataset. Ground truth = the episode's
     class only (the union of all defects for ``"<object>/*"`` episodes); a query without a mask of
@@ -113,7 +141,7 @@ class EpisodeLoader:
         self.ds, self.method_cls, self.manifest = ds, method_cls, manifest
         resize = (manifest.protocol or {}).get("resize")
         self.size = tuple(resize) if resize else None
-        self.cache = DecodedCache(int(cache_mb * 2 ** 20))
+        self.cache = _shared_cache(ds, int(cache_mb * 2 ** 20))
         ds.index  # noqa: B018 - build the (cached) index before worker threads read it
 
     # ---- decoding ----------------------------------------------------------------------------
@@ -226,6 +254,22 @@ def host_array(pred):
         t = pred.detach().float()
         return (t.cpu() if t.device.type != "cpu" else t.clone()).numpy()
     return pred
+
+
+@contextlib.contextmanager
+def responsive_gil(enabled: bool = True, interval_s: float = 0.0005):
+    """While decoding and scoring threads run beside the method, let a thread hold the GIL at most
+    ``interval_s`` before handing it over (Python's default is 5 ms): the method's thread, waking up
+    from a GPU wait, gets it back within half a millisecond. Restored on exit."""
+    if not enabled:
+        yield
+        return
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(min(old, interval_s))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
 
 
 class OrderedWorker:

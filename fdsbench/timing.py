@@ -176,7 +176,8 @@ class TimingMeter:
             self._warm[what] += 1
         else:
             self._times[what].append(float(dt))
-        self._peak = max(self._peak, self._peak_now())
+        if self.kind == "mps":  # the others read a high-water mark (state_dict/compute): no per-call cost
+            self._peak = max(self._peak, self._peak_now())
 
     def prepare(self):
         """Context manager timing one support preparation (``Method.prepare``)."""

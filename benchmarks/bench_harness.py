@@ -1,0 +1,238 @@
+"""Harness cost of a benchmark run: the pipeline of the baseline commit ("today") beside the working
+tree's ("new"), in one run of this script.
+
+    python benchmarks/bench_harness.py [--baseline 5f10865] [--runs 3] [--ckpt-episodes 30]
+
+(a) overhead ratio = run wall time / sum of predict time - 1, for a method whose predict costs a fixed
+    20 ms without using the CPU (a sleep, like a GPU method waiting for its kernels) — goal <= 0.05;
+(b) queries per second with a method that returns at once, on the synthetic dataset resized by the
+    protocol to 256 x 256 (GFDS size) and to 1024 x 1024 — goal >= 10x today;
+(c) checkpoint cost (seconds and bytes written by one periodic save of 5 new episodes) after N and
+    after 10 N episodes of 256 x 256 queries — goal: no larger after 10 N.
+
+Each pipeline runs in its own subprocess with the same plugin methods on the same episodes (the
+synthetic fss manifests of fold 0, seeds 0..runs-1). "today" is the baseline commit exported with
+``git archive`` to a temporary folder (its default settings: exact scores, no prefetch); "new" is the
+working tree with its defaults (2 loader threads, background scoring) in exact and in binned mode.
+Run wall time = the run records' ``wall_s`` (evaluation + final metrics + record), summed over runs.
+The load of the machine (1-minute load average, usable cores) is printed with the results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SLEEP_S = 0.020
+PLUGIN = '''
+import time
+import numpy as np
+import torch  # noqa: F401  (a GPU method has torch loaded before its first episode)
+from fdsbench.method import Method
+from fdsbench.registry import register_method
+from fdsbench.types import Requirements
+
+SPENT = [0.0]
+
+
+class _Fixed(Method):
+    requires = Requirements()
+
+    def prepare(self, support):
+        return None
+
+    def predict(self, state, query):
+        t0 = time.perf_counter()
+        self.work()
+        out = np.full(query.image.shape[:2], 0.25, np.float32)
+        SPENT[0] += time.perf_counter() - t0
+        return out
+
+
+@register_method("harness_sleep")
+class Sleep(_Fixed):
+    """Costs a fixed 20 ms per query without using the CPU."""
+    def work(self):
+        time.sleep(%(sleep)r)
+
+
+@register_method("harness_instant")
+class Instant(_Fixed):
+    """Returns at once."""
+    def work(self):
+        pass
+''' % {"sleep": SLEEP_S}
+
+
+# ------------------------------------------------------------------------------------------ children
+def child_run(args) -> None:
+    """One pipeline, one method, one image size: run the manifests and print a JSON line."""
+    sys.path.insert(0, args.plugin_dir)
+    import harness_plugin  # noqa: F401  (registers the methods)
+    from fdsbench.runner import BenchSpec, run
+
+    spec = BenchSpec(method=args.method, dataset="synthetic", fold=0, runs=args.runs, workdir=args.workdir,
+                     progress=False, force=True, protocol_options={"resize": [args.size, args.size], "crops": False})
+    for k, v in json.loads(args.extra).items():
+        setattr(spec, k, v)
+    t0 = time.perf_counter()
+    records = run(spec, log=lambda m: None)
+    total = time.perf_counter() - t0
+    print(json.dumps({"wall_s": sum(r["wall_s"] for r in records), "process_run_s": total,
+                      "predict_s": harness_plugin.SPENT[0],
+                      "queries": sum(r["metrics"]["n_queries"] for r in records)}))
+
+
+def child_ckpt(args) -> None:
+    """Seconds and bytes of one periodic save (5 new episodes) after N episodes, in a JSON line."""
+    import numpy as np
+
+    from fdsbench.metrics import MeterSet
+    from fdsbench.timing import TimingMeter
+
+    rng = np.random.default_rng(0)
+    side, n, new = 256, args.episodes, 5
+    meters = MeterSet(score_mode=args.scores) if args.scores != "exact" else MeterSet()
+    timer = TimingMeter()
+    gt = np.zeros((side, side), bool)
+    gt[100:120, 80:130] = True
+    folder = Path(args.workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.pipeline == "today":
+        import pickle
+
+        from fdsbench.io import atomic_write_bytes
+
+        path = folder / "run.partial.pkl"
+
+        def save(done):
+            atomic_write_bytes(path, pickle.dumps({"done": sorted(done), "meters": meters.state_dict(),
+                                                   "timing": timer.state_dict()}))
+    else:
+        from fdsbench.episodes import Manifest  # noqa: F401
+        from fdsbench.runner import ResumeState
+
+        class _M:  # what ResumeState reads of a manifest
+            hash = "bench"
+        state = ResumeState(folder / "run.partial", "bench", _M())
+
+        def save(done):
+            state.save(meters, timer, done)
+    done = set()
+    for i in range(n):
+        p = np.clip(rng.normal(0.3, 0.1, (side, side)).astype(np.float32) + 0.3 * gt, 0, 1)
+        meters.update(p, gt, class_key="obj/cls", episode=i, query_id=f"q{i}")
+        done.add(i)
+        if i == n - new - 1:
+            save(done)  # the previous periodic save
+    time.sleep(0.05)  # file times of the previous save fall before the measured one
+    wall0 = time.time()
+    t0 = time.perf_counter()
+    save(done)
+    dt = time.perf_counter() - t0
+    written = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.stat().st_mtime >= wall0 - 0.01)
+    print(json.dumps({"save_s": dt, "bytes_written": written}))
+
+
+# ------------------------------------------------------------------------------------------- parent
+def export_baseline(commit: str, dest: Path) -> Path:
+    """``git archive`` of the baseline commit, with the package's ``datasets``/``methods`` mapping
+    (setup.py package_dir) made by links, importable through PYTHONPATH."""
+    tar = dest / "base.tar"
+    subprocess.run(["git", "-C", str(REPO), "archive", "-o", str(tar), commit], check=True)
+    root = dest / "baseline"
+    with tarfile.open(tar) as t:
+        t.extractall(root)
+    for sub in ("datasets", "methods"):
+        link = root / "fdsbench" / sub
+        if not link.exists():
+            link.symlink_to(root / sub, target_is_directory=True)
+    return root
+
+
+def call(pipeline: str, code_root: Path, argv: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code_root), "OMP_NUM_THREADS": "1", "FDSBENCH_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *argv], env=env,
+                         capture_output=True, text=True, cwd=str(code_root))
+    if out.returncode:
+        raise SystemExit(f"{pipeline} child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline", default="5f10865", help="commit of today's pipeline")
+    ap.add_argument("--runs", type=int, default=3, help="seeds (manifests of 56 queries each) per measurement")
+    ap.add_argument("--ckpt-episodes", type=int, default=30, help="N of (c)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--kind", help=argparse.SUPPRESS)
+    ap.add_argument("--pipeline", help=argparse.SUPPRESS)
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--plugin-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--episodes", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--scores", default="exact", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        (child_run if args.kind == "run" else child_ckpt)(args)
+        return
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="fdsbench-harness-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "plugin").mkdir()
+        (tmp / "plugin" / "harness_plugin.py").write_text(PLUGIN)
+        roots = {"today": export_baseline(args.baseline, tmp), "new": REPO}
+        variants = [("today", "{}"), ("new", '{"score_mode": "exact"}'), ("new", '{"score_mode": "binned"}')]
+        name = {'{}': "today (exact)", '{"score_mode": "exact"}': "new (exact)", '{"score_mode": "binned"}': "new (binned)"}
+        results: dict = {}
+        t_start = time.time()
+        for method, size in (("harness_sleep", 256), ("harness_instant", 256), ("harness_instant", 1024)):
+            for pipeline, extra in variants:
+                wd = tmp / f"w-{pipeline}-{method}-{size}-{len(results)}"
+                results[(name[extra], method, size)] = call(pipeline, roots[pipeline], [
+                    "--kind", "run", "--method", method, "--size", str(size), "--workdir", str(wd),
+                    "--plugin-dir", str(tmp / "plugin"), "--runs", str(args.runs), "--extra", extra])
+        ckpt = {}
+        for pipeline, scores in (("today", "exact"), ("new", "exact"), ("new", "binned")):
+            for n in (args.ckpt_episodes, 10 * args.ckpt_episodes):
+                ckpt[(pipeline, scores, n)] = call(pipeline, roots[pipeline], [
+                    "--kind", "ckpt", "--pipeline", pipeline, "--scores", scores, "--episodes", str(n),
+                    "--workdir", str(tmp / f"c-{pipeline}-{scores}-{n}")])
+        elapsed = time.time() - t_start
+    load1 = os.getloadavg()[0]
+    cores = len(os.sched_getaffinity(0))
+    print(f"bench_harness: baseline {args.baseline} vs working tree; {cores} usable cores; load average "
+          f"(1 min) {load0:.2f} at start, {load1:.2f} at end; {elapsed:.0f} s")
+    print(f"\n(a) overhead ratio, predict = sleep {1000 * SLEEP_S:.0f} ms, 256 px, {args.runs} runs (goal <= 0.05)")
+    for pipe in ("today (exact)", "new (exact)", "new (binned)"):
+        r = results[(pipe, "harness_sleep", 256)]
+        print(f"  {pipe:14s} wall {r['wall_s']:7.2f} s  sum(predict) {r['predict_s']:6.2f} s  "
+              f"queries {r['queries']:4d}  overhead ratio {r['wall_s'] / r['predict_s'] - 1:6.3f}")
+    print("\n(b) queries/s with an instant method (goal >= 10x today)")
+    for size in (256, 1024):
+        base = None
+        for pipe in ("today (exact)", "new (exact)", "new (binned)"):
+            r = results[(pipe, "harness_instant", size)]
+            qps = r["queries"] / r["wall_s"]
+            base = base or qps
+            print(f"  {size:4d} px {pipe:14s} {qps:8.1f} queries/s  ({qps / base:5.1f}x today)")
+    print(f"\n(c) one periodic save (5 new episodes of 256x256) after N and 10 N episodes")
+    for pipeline, scores in (("today", "exact"), ("new", "exact"), ("new", "binned")):
+        a, b = ckpt[(pipeline, scores, args.ckpt_episodes)], ckpt[(pipeline, scores, 10 * args.ckpt_episodes)]
+        print(f"  {pipeline:5s} {scores:6s} N={args.ckpt_episodes:4d}: {1000 * a['save_s']:8.1f} ms "
+              f"{a['bytes_written'] / 2 ** 20:7.2f} MiB   10N={10 * args.ckpt_episodes:4d}: "
+              f"{1000 * b['save_s']:8.1f} ms {b['bytes_written'] / 2 ** 20:7.2f} MiB   "
+              f"(10N / N time {b['save_s'] / a['save_s']:5.2f})")
+
+
+if __name__ == "__main__":
+    main()
