@@ -11,18 +11,35 @@ from ...errors import FdsError
 from .merge import merge_layer23
 
 
+def _indices(backbone: str, layers: Sequence, what: str) -> tuple[int, ...]:
+    """``layers`` as integers, or one error saying what this backbone's taps are."""
+    try:
+        out = tuple(int(v) for v in layers)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or any(isinstance(v, bool) or o != v for o, v in zip(out, layers)):
+        raise FdsError(f"layers={list(layers)!r} for backbone '{backbone}': {what}")
+    return out
+
+
 def feature_taps(backbone: str, layers: Sequence, merge_dim: int) -> Callable:
-    """callable(bb, x) -> list of maps: ViT block outputs, or the merged ResNet map twice."""
+    """callable(bb, x) -> list of maps: ViT block outputs, or the merged ResNet map twice. Layers that
+    name no tap of the backbone are refused (the ResNet taps are always layer2 + layer3)."""
     if backbone.startswith(("dinov2", "dino_")):
-        layers = tuple(int(v) for v in layers)
+        layers = _indices(backbone, layers, "ViT blocks are tapped by index, e.g. layers=[5,6,7,8,9,10]")
         return lambda bb, x: bb.forward_features(x, layers=layers)
     if backbone.startswith("resnet"):
+        if _indices(backbone, layers, "use layers=[2,3]") != (2, 3):
+            raise FdsError(f"layers={list(layers)!r} for backbone '{backbone}': the ResNet taps are layer2 and layer3 "
+                           f"merged (PatchCore, stride 8); use layers=[2,3]")
+
         def resnet_feats(bb, x):
             m = merge_layer23(bb.forward_features(x, layers=("layer2", "layer3")), out_dim=merge_dim)
             return [m, m]
         return resnet_feats
     if backbone.startswith("vgg"):
-        pair = tuple(f"conv{int(v)}" for v in layers)  # e.g. (4, 5): strides 8 and 16, as layer2 + layer3
+        pair = tuple(f"conv{v}" for v in _indices(backbone, layers, "VGG stages are tapped by number, e.g. layers=[4,5]"))
+        # e.g. (4, 5): strides 8 and 16, as layer2 + layer3
 
         def vgg_feats(bb, x):
             m = merge_layer23(bb.forward_features(x, layers=pair), out_dim=merge_dim)
@@ -34,5 +51,6 @@ def feature_taps(backbone: str, layers: Sequence, merge_dim: int) -> Callable:
 def tap_dims(bb, backbone: str, layers: Sequence, merge_dim: int) -> list[int]:
     """Channels of each map ``feature_taps`` returns (ViT: embed dim per block; ResNet: merge_dim x 2)."""
     if backbone.startswith(("resnet", "vgg")):
+        bb.normalize_layers(tuple(layers))  # refuses a stage the trunk does not have
         return [merge_dim, merge_dim]
-    return [bb.channels[int(i) % bb.n_blocks] for i in layers]
+    return [bb.channels[i] for i in bb.normalize_layers(tuple(layers))]  # refuses a block out of range
