@@ -139,7 +139,7 @@ class DefectSpectrum(DatasetAdapter):
                         self.note("error", mrel, f"unknown category id: value {v} = class {v - 1}, but {obj} has "
                                                  f"{n_cls} classes (values 1..{n_cls})")
                         continue
-                    masks[str(v - 1)] = {"png": mrel, "value": v}
+                    masks[str(v - 1)] = {"png": mrel, "value": v, "indices": True}
                 if not masks:
                     self.note("warning", mrel, "mask has no defect pixel (all 0): image left out")
                     continue

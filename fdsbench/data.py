@@ -9,7 +9,9 @@ pools, train/test splits per fold — is shared here.
 Mask specs (``ImageRecord.masks[class_name]``), decoded by :func:`decode_mask`:
 
 * ``{"png": rel_path, "threshold": t}`` — pixels with value > t (anti-aliased 0/255 masks: t=127);
-* ``{"png": rel_path, "value": v}`` — pixels equal to v (class-index masks);
+* ``{"png": rel_path, "value": v}`` — pixels whose grey level equals v; with ``"indices": true``
+  (class-index masks) the stored values, palette indices included, are compared instead. Grey levels
+  are read as OpenCV reads them (:func:`fdsbench.io.read_gray`): a 1-bit or palette 0/255 mask gives 255;
 * ``{"polygons": [[x1, y1, x2, y2, ...], ...]}`` — filled polygons (COCO ``segmentation``),
   coordinates truncated to int as the official loaders do; a polygon may also be the string
   ``"x1 y1 x2 y2 ..."`` (the compact form adapters store in the cached index: parsing strings keeps
@@ -37,7 +39,7 @@ from .errors import DataError, FdsError
 from .io import atomic_write_text, canonical_json, content_hash, read_gray, read_image, sha256_file
 from .types import NormalPool, TrainSource
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 
 #: image file extensions the adapters accept (compared case-insensitively)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -115,7 +117,7 @@ def decode_mask(spec, root: Path, size: tuple[int, int] | None) -> np.ndarray:
         return out
     if "png" in spec:
         path = root / spec["png"]
-        arr = read_gray(path)
+        arr = read_gray(path, indices=bool(spec.get("indices")))
         if "value" in spec:
             return arr == spec["value"]
         return arr > spec.get("threshold", 0)
@@ -200,6 +202,7 @@ class DatasetAdapter:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "index"
         self._index: DatasetIndex | None = None
         self._problems: list[Problem] = []
+        self._unfollowable: list[str] = []  # symlinks that cannot be followed (loops), seen by tree_signature
 
     # ---- to implement ------------------------------------------------------------------------
     def scan(self) -> list[ImageRecord]:
@@ -226,6 +229,7 @@ class DatasetAdapter:
         import hashlib
 
         h = hashlib.sha256(canonical_json([INDEX_VERSION, self.name, sorted(self.options.items(), key=str)]).encode())
+        self._unfollowable = []
         stack = [""]
         seen_dirs: set[tuple[int, int]] = set()
         while stack:  # iterative walk with scandir: one stat per file, no path joins on the hot path
@@ -242,7 +246,13 @@ class DatasetAdapter:
                 continue
             for e in entries:
                 name = f"{rel}/{e.name}" if rel else e.name
-                if e.is_dir(follow_symlinks=True):
+                try:
+                    is_dir = e.is_dir(follow_symlinks=True)
+                except OSError:  # a symlink loop: no file of the dataset (``check`` warns about it)
+                    self._unfollowable.append(name)
+                    h.update(f"{name}\0unfollowable\n".encode())
+                    continue
+                if is_dir:
                     stack.append(name)
                 else:
                     try:
@@ -318,8 +328,9 @@ class DatasetAdapter:
         try:
             with Image.open(self.root / rec.path) as im:
                 return im.size[1], im.size[0]
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read image {self.root / rec.path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any failure to open an image is about the file
+            raise DataError(f"cannot read image {self.root / rec.path} ({type(e).__name__}: {e}); re-export or "
+                            f"remove the file") from None
 
     def load_mask(self, image_id: str, cls: str, size: tuple[int, int] | None = None) -> np.ndarray:
         """Bool mask [H, W] of class ``cls`` (a class name, or ``"*"`` = union of all defects).
@@ -348,8 +359,10 @@ class DatasetAdapter:
                             f"(classes: {', '.join(rec.classes) or 'none'})")
         mask = decode_mask(rec.masks[cls], self.root, size)
         if mask.shape != tuple(size):
-            raise DataError(f"mask of class '{cls}' for {rec.path} is {mask.shape[1]}x{mask.shape[0]} but the "
-                            f"image is {size[1]}x{size[0]}; re-export the mask at the image size")
+            where = _spec_path(rec.masks[cls])
+            raise DataError(f"mask {where + ' ' if where else ''}of class '{cls}' for {rec.path} is "
+                            f"{mask.shape[1]}x{mask.shape[0]} but the image is {size[1]}x{size[0]}; re-export the "
+                            f"mask at the image size (`fdsbench datasets check` lists every such file)")
         return mask
 
     def protocol_defaults_for(self, fold: int) -> dict[str, Any]:
@@ -435,6 +448,8 @@ class DatasetAdapter:
         scan problems, fold problems, unreadable images, mask/image size mismatches, empty masks of
         a labelled class, and byte-identical duplicate images. ``progress`` is called per image."""
         problems: list[Problem] = list(self.scan_problems) + self.fold_problems()
+        problems += [Problem("warning", name, "symbolic link that cannot be followed (a loop?): ignored")
+                     for name in self._unfollowable]
         by_digest: dict[tuple[int, str], list[str]] = {}
         for rec in sorted(self.index.records.values(), key=lambda r: r.id):
             if progress:
@@ -452,25 +467,46 @@ class DatasetAdapter:
                 by_digest.setdefault((path.stat().st_size, sha256_file(path)), []).append(rec.path)
             except OSError:
                 pass
-            for cls, spec in rec.masks.items():
-                try:
-                    m = decode_mask(spec, self.root, size)
-                except DataError as e:
-                    problems.append(Problem("error", rec.path, f"class {cls}: {e}"))
-                    continue
-                if m.shape != tuple(size):
-                    problems.append(Problem("error", _spec_path(spec) or rec.path,
-                                            f"mask of class {cls} is {m.shape[1]}x{m.shape[0]}, image {rec.path} "
-                                            f"is {size[1]}x{size[0]}"))
-                elif not m.any():
-                    problems.append(Problem("error", _spec_path(spec) or rec.path,
-                                            f"mask of class {cls} is empty ({self.mask_rule or 'no foreground'}): "
-                                            f"the image is labelled {cls} but has no {cls} pixel"))
+            problems += self._mask_problems(rec, size, rec.masks)
         for paths in by_digest.values():
             if len(paths) > 1:
                 for p in paths[1:]:
                     problems.append(Problem("warning", p, f"duplicate file: same bytes as {paths[0]}"))
         return problems
+
+    def _mask_problems(self, rec: ImageRecord, size: tuple[int, int], classes) -> list[Problem]:
+        """The mask rules of :meth:`check` for classes ``classes`` of one image of size ``size``:
+        the mask decodes, has the image's size and is not empty under the adapter's rule."""
+        problems = []
+        for cls in classes:
+            spec = rec.masks[cls]
+            try:
+                m = decode_mask(spec, self.root, size)
+            except DataError as e:
+                problems.append(Problem("error", rec.path, f"class {cls}: {e}"))
+                continue
+            if m.shape != tuple(size):
+                problems.append(Problem("error", _spec_path(spec) or rec.path,
+                                        f"mask of class {cls} is {m.shape[1]}x{m.shape[0]}, image {rec.path} "
+                                        f"is {size[1]}x{size[0]}"))
+            elif not m.any():
+                problems.append(Problem("error", _spec_path(spec) or rec.path,
+                                        f"mask of class {cls} is empty ({self.mask_rule or 'no foreground'}): "
+                                        f"the image is labelled {cls} but has no {cls} pixel"))
+        return problems
+
+    def mask_problems(self, image_id: str, classes=None) -> list[Problem]:
+        """What :meth:`check` reports about the masks of ``classes`` (default: all) of one image —
+        the check ``bench`` and ``episodes make`` run on every image an episode uses."""
+        rec = self.record(image_id)
+        try:
+            size = self.image_size(image_id)
+        except DataError as e:
+            return [Problem("error", rec.path, str(e))]
+        if rec.size is not None and tuple(rec.size) != tuple(size):
+            return [Problem("error", rec.path, f"annotation says {rec.size[1]}x{rec.size[0]}, "
+                                               f"the image is {size[1]}x{size[0]}")]
+        return self._mask_problems(rec, size, rec.masks if classes is None else classes)
 
     # ---- summaries ---------------------------------------------------------------------------
     def counts(self) -> dict[str, dict[str, int]]:

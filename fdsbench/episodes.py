@@ -62,9 +62,7 @@ def resolve_protocol(name: str, shot: int, overrides: dict | None = None, datase
     for key, default in optional.items():
         if proto.get(key, default) == default:
             proto.pop(key, None)
-    if proto.get("resize") is not None:  # [h, w]: images and masks decoded at this size (GFDS 256x256)
-        r = proto["resize"]
-        proto["resize"] = [int(r), int(r)] if isinstance(r, (int, float, str)) else [int(v) for v in r]
+    _check_protocol_values(proto)
     if name == "per_support" and proto["scope"] not in ("class", "object"):
         raise FdsError(f"per_support scope must be 'class' or 'object', got '{proto['scope']}'")
     if name == "fss" and proto.get("draw", "fdsbench") not in ("fdsbench", "gfds"):
@@ -74,6 +72,39 @@ def resolve_protocol(name: str, shot: int, overrides: dict | None = None, datase
     if name == "fss" and proto["crops_per_shot"] is None:
         proto["crops_per_shot"] = 4 if shot == 1 else 1  # SOFS: 1-shot = 4 crops, 5-shot = 1 crop each
     return proto
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _check_protocol_values(proto: dict) -> None:
+    """Types and ranges of the protocol options, each refused in one line that names the valid
+    values; ``resize`` is normalised to [h, w] (images and masks decoded at that size, GFDS 256x256)."""
+    name = proto["name"]
+
+    def bad(key, want):
+        raise FdsError(f"protocol '{name}' option {key}={proto[key]!r} is not {want}")
+
+    if "crops" in proto and not isinstance(proto["crops"], bool):
+        bad("crops", "true or false")
+    for key in ("crop_size", "crops_per_shot"):
+        if proto.get(key) is not None and not (_is_int(proto[key]) and proto[key] >= 1):
+            bad(key, "a positive integer")
+    if "area_resize_ratio" in proto:
+        v = proto["area_resize_ratio"]
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1):
+            bad("area_resize_ratio", "a number in [0, 1]")
+    r = proto.get("resize")
+    if r is not None:
+        hw = [r, r] if _is_int(r) else list(r) if isinstance(r, (list, tuple)) else []
+        if len(hw) != 2 or not all(_is_int(v) and v >= 1 for v in hw):
+            bad("resize", "a positive integer or [height, width] (e.g. resize=256)")
+        proto["resize"] = [int(v) for v in hw]
+        if proto.get("crops"):
+            raise FdsError(f"protocol '{name}': resize={proto['resize']} with crop boxes — the boxes are drawn at "
+                           f"the original size and would fall outside the resized image; add crops=false "
+                           f"(resizing protocols such as GFDS use whole images)")
 
 
 def _rng(seed: int, *keys) -> np.random.Generator:
@@ -239,12 +270,19 @@ class Manifest:
             body = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise FdsError(f"cannot read manifest {path}: {e}") from None
+        if not isinstance(body, dict) or "episodes" not in body:
+            raise FdsError(f"{path} is not an episode manifest (a JSON object with 'episodes'; this is a JSON "
+                           f"{type(body).__name__}); make one with `fdsbench episodes make`")
         stored = body.pop("hash", None)
         if stored != content_hash(body):
             raise FdsError(f"manifest {path} does not match its content hash (edited or truncated); delete it "
                            f"and it will be regenerated")
         body["hash"] = stored
-        return cls(body, path)
+        try:
+            return cls(body, path)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FdsError(f"manifest {path} has malformed episodes ({type(e).__name__}: {e}); delete it and "
+                           f"it will be regenerated") from None
 
 
 def manifest_path(workdir: Path, ds: DatasetAdapter, fold: int, shot: int, seed: int, proto: dict) -> Path:
@@ -263,3 +301,34 @@ def get_manifest(workdir: Path, ds: DatasetAdapter, fold: int, shot: int, seed: 
     body = generate(ds, fold, shot, seed, proto, progress)
     atomic_write_json(path, body)
     return Manifest(body, path)
+
+
+def episode_mask_problems(ds: DatasetAdapter, episodes, protocol: dict) -> list:
+    """The problems ``fdsbench datasets check`` would report (mask unreadable, of another size than
+    its image, or empty under the adapter's rule) for every mask the given episodes use: the masks of
+    the episode's class on its supports and queries (all classes for ``"<object>/*"`` episodes;
+    defect-free FAD supports have none)."""
+    seen: dict[tuple[str, str], list] = {}
+    for ep in episodes:
+        fad = ep.defect_class == "*" and protocol.get("name") == "fad"
+        for image_id in (*([] if fad else [s.id for s in ep.supports]), *ep.queries):
+            rec = ds.record(image_id)
+            classes = sorted(rec.masks) if ep.defect_class == "*" else \
+                [ep.defect_class] if ep.defect_class in rec.masks else []
+            for cls in classes:
+                if (image_id, cls) not in seen:
+                    seen[(image_id, cls)] = ds.mask_problems(image_id, [cls])
+    return [p for ps in seen.values() for p in ps]
+
+
+def check_episode_masks(ds: DatasetAdapter, episodes, protocol: dict) -> None:
+    """Stop with one error naming the files when a mask the episodes use fails the checks of
+    ``datasets check`` — an empty support mask or an empty labelled query is never scored silently."""
+    problems = episode_mask_problems(ds, episodes, protocol)
+    if problems:
+        shown = "; ".join(f"{p.path}: {p.message}" for p in problems[:3])
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        opts = (f", or read them another way with --dataset-opt KEY=VALUE (options of '{ds.name}': "
+                f"{', '.join(ds.option_names)})") if ds.option_names else ""
+        raise FdsError(f"{len(problems)} mask(s) used by these episodes fail `fdsbench datasets check {ds.name} "
+                       f"{ds.root}`: {shown}{more}; fix or remove these files{opts} (masks: {ds.mask_rule})")

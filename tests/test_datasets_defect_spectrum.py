@@ -23,7 +23,7 @@ def test_class_index_values_and_multi_class_images(tree, tmp_path):
     assert len(ds.index.images_of["grid/0"]) == 4  # 3 bent (value 1) + the glue image that also holds value 1
     two = "grid/image/glue/000.png"
     rec = ds.record(two)
-    assert rec.classes == ["0", "1"] and rec.masks["1"] == {"png": "grid/mask/glue/000_mask.png", "value": 2}
+    assert rec.classes == ["0", "1"] and rec.masks["1"] == {"png": "grid/mask/glue/000_mask.png", "value": 2, "indices": True}
     m0, m1 = ds.load_mask(two, "0"), ds.load_mask(two, "1")
     assert m0.sum() == 16 and m1.sum() == 25 and not (m0 & m1).any()
     assert ds.index.normals == {"grid": ["grid/image/good/000.png"]}
