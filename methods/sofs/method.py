@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from fdsbench import weights as W
-from fdsbench.blocks.backbones import build_backbone, merge_layer23
+from fdsbench.blocks.backbones import build_backbone
+from fdsbench.blocks.backbones.taps import feature_taps, tap_dims
 from fdsbench.config import config_hash
 from fdsbench.errors import FdsError
 from fdsbench.blocks.losses import dice_ce_loss
@@ -27,31 +28,12 @@ from fdsbench.blocks.nr import EpisodeSampler, NRSettings
 from fdsbench.registry import register_method
 from fdsbench.blocks.tiling import image_to_tensor, mask_to_tensor, predict_sliding, predict_whole
 from fdsbench.blocks.training import TrainLoop, param_groups, trainable_state
+from fdsbench.blocks.views import support_views
 from fdsbench.types import Query, Requirements, SupportSet, TrainSource
 
 from .model import SOFS, _same_map
 
 ETA_YAML = 1e5  # TRAIN.SOFS.smooth_r of the yaml, used for folds train.sh does not list
-
-
-def feature_fn(backbone: str, layers, merge_dim: int):
-    """callable(bb, x) -> list of maps: ViT block outputs, or the merged ResNet map twice (§2.2)."""
-    if backbone.startswith(("dinov2", "dino_")):
-        layers = tuple(int(v) for v in layers)
-        return lambda bb, x: bb.forward_features(x, layers=layers)
-    if backbone.startswith("resnet"):
-        def resnet_feats(bb, x):
-            m = merge_layer23(bb.forward_features(x, layers=("layer2", "layer3")), out_dim=merge_dim)
-            return [m, m]
-        return resnet_feats
-    raise FdsError(f"sofs supports DINOv2/DINO ViTs and ResNets as backbone, not '{backbone}'")
-
-
-def feature_dims(bb, backbone: str, layers, merge_dim: int) -> list[int]:
-    """Channels of each map ``feature_fn`` returns (ViT: embed dim per block; ResNet: merge_dim x 2)."""
-    if backbone.startswith("resnet"):
-        return [merge_dim, merge_dim]
-    return [bb.channels[int(i) % bb.n_blocks] for i in layers]
 
 
 @register_method("sofs")
@@ -142,8 +124,8 @@ class SOFSMethod(Method):
             raise FdsError(f"sofs: image_size {c.image_size} is not a multiple of patch {c.patch}")
         weights = None if c.weights in ("", "default") else c.weights
         bb = build_backbone(c.backbone, weights, seed=0)
-        feats = feature_fn(c.backbone, c.layers, c.merge_dim)
-        dims = feature_dims(bb, c.backbone, c.layers, c.merge_dim)
+        feats = feature_taps(c.backbone, c.layers, c.merge_dim)
+        dims = tap_dims(bb, c.backbone, c.layers, c.merge_dim)
         torch.manual_seed(0)  # head init independent of the caller's RNG state
         self.model = SOFS(bb, feats, fea_dims=dims, patch=c.patch, reduce_dim=c.reduce_dim,
                           embed_dim=c.embed_dim, num_stages=c.num_stages, heads=c.heads, tau=c.tau,
@@ -227,15 +209,7 @@ class SOFSMethod(Method):
     def support_views(self, support: SupportSet) -> tuple[list, bool]:
         """(views, whole): the protocol's (image, mask) views and whether the query goes through
         the whole-image path (every support without crops, or NR off)."""
-        c = self.config
-        if not c.nr:
-            return [(s.image, s.mask) for s in support.shots], True
-        crop_counts = [len(s.crops) for s in support.shots if s.crops is not None]
-        reps = c.s_in_shot or (crop_counts[0] if crop_counts else (4 if support.shot == 1 else 1))
-        views = []
-        for s in support.shots:
-            views += s.views() if s.crops is not None else [(s.image, s.mask)] * reps
-        return views, not crop_counts
+        return support_views(support, self.config.nr, self.config.s_in_shot)
 
     @torch.no_grad()
     def prepare(self, support: SupportSet):
@@ -284,4 +258,4 @@ def _log(msg: str) -> None:
     print(f"[sofs] {msg}", file=sys.stderr, flush=True)
 
 
-__all__ = ["SOFSMethod", "feature_fn"]
+__all__ = ["SOFSMethod"]

@@ -17,11 +17,11 @@ The network works on backbone feature lists, so the head is independent of the e
 ViT the maps are the tapped block outputs, for ResNet-50 the merged layer2+3 map used twice
 (§2.2). Support-only work (support features, prototypes, support self-attention) is split out in
 :meth:`SOFS.encode_support` so the test procedure computes it once per episode and re-uses it for
-every query window; :meth:`SOFS.forward` composes the same pieces for training.
+every query window; :meth:`SOFS.forward` composes the same pieces for training. The semantic prior,
+the transformer layers and the reduce/merge blocks are HDMNet's (:mod:`fdsbench.blocks.matching`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -30,41 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdsbench.blocks.masks import downsample_mask, weighted_gap
+from fdsbench.blocks.matching import TransformerEncoderLayer, merge_block, reduce_block, semantic_prior
 
 PRIOR_SCALE = 10.0  # both prior stacks are multiplied by 10 before the merge conv ("follow HDMNet")
 COS_EPS = 1e-7
 
 
 # ---- priors (§2.5, §2.6) -----------------------------------------------------------------------
-def semantic_prior(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Semantic prior of one layer (Eq. 2 as coded): for every query position the max over support
-    positions t of cos(F_q(i), M(t) F_s(t)), averaged over the K' crops.
-
-    The official cosine a.b / (|a||b| + 1e-7) is scale-invariant and gives exactly 0 where M = 0,
-    so per crop this is max(0, max over t with M(t) > 0 of cos(F_q(i), F_s(t))) (or the plain max
-    when the mask covers every position); it is computed on the masked positions only (equal up to
-    the 1e-7 epsilon). q [B,D,h,w]; s [Bs,K',D,h,w], m [Bs,K',1,h,w] with Bs = B or 1 (one support
-    set shared by B query windows) -> [B,1,h,w]."""
-    B, D, h, w = q.shape
-    Bs, K = s.shape[:2]
-    N = h * w
-    qn = F.normalize(q.flatten(2), dim=1)  # [B,D,N]
-    per_crop = []
-    for k in range(K):
-        rows = []
-        for b in range(Bs):
-            idx = (m[b, k, 0].flatten() > 0).nonzero()[:, 0]
-            qb = qn if Bs == 1 else qn[b: b + 1]
-            if idx.numel() == 0:
-                rows.append(qb.new_zeros(qb.shape[0], N))
-                continue
-            sk = F.normalize(s[b, k].flatten(1)[:, idx], dim=0)  # [D,n]
-            val = torch.einsum("bdn,dt->bnt", qb, sk).amax(2)
-            rows.append(val.clamp_min(0) if idx.numel() < N else val)
-        per_crop.append(rows[0] if Bs == 1 else torch.cat(rows))
-    return torch.stack(per_crop, 1).mean(1).view(B, 1, h, w)
-
-
 def abnormal_prior(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Abnormal prior of one layer (Eq. 3): 1 - max over ALL support positions of all crops of
     cos(F_q(i), F_s(t)) * (1 - M(t)). q [B,D,h,w]; s [Bs,K',D,h,w], m [Bs,K',1,h,w], Bs = B or 1
@@ -78,96 +50,7 @@ def abnormal_prior(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.T
     return (1.0 - sim.amax(dim=2)).view(B, 1, h, w)
 
 
-# ---- transformer pieces (§2.8) -----------------------------------------------------------------
-class MaskMultiHeadAttention(nn.Module):
-    """Multi-head attention with bias-free q/k/v/o projections (``linear_{q,k,v,o}``).
-
-    Self-attention: softmax over keys of q k^T / (sqrt(d) + 1e-9). Cross mode (learnable-fusion
-    ablation, HDMNet matching): per-head cosine similarity / 0.1, softmax over the QUERY axis,
-    attention to masked-out support positions set to 0."""
-
-    def __init__(self, dim: int, heads: int, cross_temperature: float = 0.1):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"embedding dim {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.cross_temperature = cross_temperature
-        self.linear_q = nn.Linear(dim, dim, bias=False)
-        self.linear_k = nn.Linear(dim, dim, bias=False)
-        self.linear_v = nn.Linear(dim, dim, bias=False)
-        self.linear_o = nn.Linear(dim, dim, bias=False)
-
-    def _split(self, x):
-        B, N, C = x.shape
-        return x.view(B, N, self.heads, C // self.heads).transpose(1, 2)  # [B,h,N,d]
-
-    def forward(self, q, k, v, mask: torch.Tensor | None = None):
-        B, N, C = q.shape
-        q, k, v = self._split(self.linear_q(q)), self._split(self.linear_k(k)), self._split(self.linear_v(v))
-        if mask is None:
-            d = q.shape[-1]
-            y = F.scaled_dot_product_attention(q, k, v, scale=1.0 / (math.sqrt(d) + 1e-9))
-        else:  # mask [B, 1, Nk] of support positions (1 = target)
-            scores = torch.einsum("bhmc,bhnc->bhmn", F.normalize(q, dim=-1), F.normalize(k, dim=-1))
-            attn = torch.softmax(scores / self.cross_temperature, dim=-2)
-            attn = attn.masked_fill(mask[:, None] == 0, 0.0)
-            y = attn @ v
-        return self.linear_o(y.transpose(1, 2).reshape(B, N, C))
-
-
-class EfficientMultiheadAttention(nn.Module):
-    """Wrapper holding ``attn`` (the mmcv parent's name, hence ``attn.attn.linear_*`` keys) and the
-    output dropout: returns identity + Dropout(attn(x))."""
-
-    def __init__(self, dim: int, heads: int, drop: float):
-        super().__init__()
-        self.attn = MaskMultiHeadAttention(dim, heads)
-        self.proj_drop = nn.Dropout(drop)
-
-    def forward(self, x, identity, source=None, mask=None):
-        kv = x if source is None else source
-        return identity + self.proj_drop(self.attn(x, kv, kv, mask))
-
-
-class MixFFN(nn.Module):
-    """SegFormer Mix-FFN on the h x w grid: Conv1x1 -> depthwise Conv3x3 -> GELU -> Dropout ->
-    Conv1x1 -> Dropout (``layers.0/1/4`` carry weights)."""
-
-    def __init__(self, dim: int, hidden: int, drop: float):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(dim, hidden, 1, bias=True),
-            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=True),
-            nn.GELU(),
-            nn.Dropout(drop),
-            nn.Conv2d(hidden, dim, 1, bias=True),
-            nn.Dropout(drop),
-        )
-
-    def forward(self, x, hw, identity):
-        B, N, C = x.shape
-        out = self.layers(x.transpose(1, 2).reshape(B, C, *hw))
-        return identity + out.flatten(2).transpose(1, 2)
-
-
-class TransformerEncoderLayer(nn.Module):
-    """Pre-norm layer (LayerNorm eps 1e-6): x += Drop(MHA(LN1 x)); x += MixFFN(LN2 x)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4, drop: float = 0.1):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = EfficientMultiheadAttention(dim, heads, drop)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.ffn = MixFFN(dim, mlp_ratio * dim, drop)
-
-    def forward(self, x, hw, source=None, mask=None):
-        if source is None:
-            x = self.attn(self.norm1(x), identity=x)
-        else:
-            x = self.attn(self.norm1(x), identity=x, source=self.norm1(source), mask=mask)
-        return self.ffn(self.norm2(x), hw, identity=x)
-
-
+# ---- fusion (§2.8-2.9) -----------------------------------------------------------------------
 def fusion_attention(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor, tau: float) -> torch.Tensor:
     """Reverse softmax of Eq. 4: Sim = norm(Q) norm(S)^T [B,N,K'N]; Attn = softmax over the QUERY
     axis (dim 1, size N) of (Sim * m) / tau -- masked columns get logit 0, not -inf."""
@@ -202,7 +85,7 @@ class MixVisionTransformer(nn.Module):
         B, C, h, w = x.shape
         t = x.flatten(2).transpose(1, 2)
         for layer in self.sa_layers:
-            t = layer(t, (h, w))
+            t = layer(t, (h, w))[0]
         return t
 
     def encode_support(self, s: torch.Tensor, m: torch.Tensor, K: int) -> dict:
@@ -231,7 +114,7 @@ class MixVisionTransformer(nn.Module):
         else:
             fused = qt
             for layer in self.cross_layers:
-                fused = layer(fused, (h, w), source=s, mask=m)
+                fused = layer(fused, (h, w), source=s, mask=m)[0]
         proto = support.get("prototype")
         if proto is not None and proto.shape[0] != B:
             proto = proto.expand(B, -1)
@@ -244,14 +127,6 @@ class TransformerNonlearnableFusion(nn.Module):
         self.mix_transformer = MixVisionTransformer(**kw)
 
 
-def _reduce_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(0.5))
-
-
-def _merge_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.ReLU(inplace=True))
-
-
 class FeatureRecorrect(nn.Module):
     """Front end + transformer + prediction (Feature_Recorrect_Module, §2.7-2.9)."""
 
@@ -261,12 +136,12 @@ class FeatureRecorrect(nn.Module):
         super().__init__()
         self.abnormal_prior = abnormal_prior
         self.meta_cls = meta_cls
-        self.down_query = _reduce_block(fea_dim, reduce_dim)
-        self.down_supp = _reduce_block(fea_dim, reduce_dim)
-        self.down_supp_semantic = _reduce_block(fea_dim, reduce_dim)
-        self.supp_merge_semantic = _merge_block(2 * reduce_dim, embed_dim)
+        self.down_query = reduce_block(fea_dim, reduce_dim)
+        self.down_supp = reduce_block(fea_dim, reduce_dim)
+        self.down_supp_semantic = reduce_block(fea_dim, reduce_dim)
+        self.supp_merge_semantic = merge_block(2 * reduce_dim, embed_dim)
         n_prior = (2 if abnormal_prior else 1) * n_layers
-        self.query_merge_semantic = _merge_block(2 * reduce_dim + n_prior, embed_dim)
+        self.query_merge_semantic = merge_block(2 * reduce_dim + n_prior, embed_dim)
         self.query_semantic_transformer = TransformerNonlearnableFusion(
             dim=embed_dim, heads=heads, num_stages=num_stages, tau=tau, meta_cls=meta_cls, fusion=fusion)
         if not meta_cls:  # the learnable classifier of PFENet/HDMNet (Table 6 "without MC")
