@@ -51,7 +51,7 @@ class WeightsEntry:
             return f"sha256 {self.sha256}"
         if self.sha256_prefix:
             return f"sha256 starting {self.sha256_prefix}"
-        return "sha256 unknown upstream"
+        return "no published sha256"
 
 
 _TABLE: dict[str, WeightsEntry] | None = None

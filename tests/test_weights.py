@@ -62,7 +62,7 @@ def test_missing_file_names_file_hash_and_url(dirs):
     with pytest.raises(WeightsError) as e:
         W.resolve("sam2.1_hiera_small")
     msg = str(e.value)
-    assert "sam2.1_hiera_small.pt" in msg and "sha256 unknown upstream" in msg
+    assert "sam2.1_hiera_small.pt" in msg and "no published sha256" in msg
     assert "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_small.pt" in msg
     with pytest.raises(WeightsError, match=r"resnet34-b627a593.pth \(sha256 starting b627a593\)"):
         W.resolve("resnet34")
