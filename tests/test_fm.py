@@ -270,3 +270,24 @@ def dataclasses_replace(cfg, **kw):
     import dataclasses
 
     return dataclasses.replace(cfg, **kw)
+
+
+def test_timm_and_fdsbench_teachers_agree_at_the_native_grid(tmp_path, monkeypatch):
+    """The same DINO-named file loads strictly into both teacher implementations; at 224² (no
+    position-embedding resampling) their last-block targets agree, with and without the final norm."""
+    from fdsbench.blocks.backbones import build_backbone
+    from fdsbench.methods.fm.distill import Teacher
+
+    sd = build_backbone("dino_vits8", "random", seed=3).state_dict()
+    torch.save(sd, tmp_path / "dino_deitsmall8_pretrain.pth")
+    monkeypatch.setenv("FDSBENCH_WEIGHTS", str(tmp_path))
+    x = torch.randn(1, 3, 224, 224)
+    ours = Teacher("default", True, "cpu", "fdsbench", 224)
+    timm_t = Teacher("default", True, "cpu", "timm", 224)
+    assert ours.provenance == timm_t.provenance
+    for norm in (True, False):
+        ours.norm = timm_t.norm = norm
+        a, b = ours.raw(x), timm_t.raw(x)
+        assert a.shape == b.shape == (1, 384, 28, 28)
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+    assert Teacher("random", True, "cpu", "timm", 64).raw(torch.zeros(1, 3, 64, 64)).shape == (1, 384, 8, 8)

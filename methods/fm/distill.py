@@ -42,6 +42,7 @@ from torchvision import transforms
 from fdsbench.blocks.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from fdsbench.errors import DataError, FdsError
 from fdsbench.io import atomic_write_bytes, atomic_write_json, read_image
+from fdsbench import weights as W
 from fdsbench.weights import file_sha256
 
 from .students import build_student, register_student, student_key
@@ -57,6 +58,7 @@ class DistillConfig:
     student: str = "s"  # s = FM-s | l = FM-l
     fm_l_arch: str = "code"  # code | table3
     teacher_weights: str = "default"  # default = dino_deitsmall8_pretrain.pth from the weights table | path | random
+    teacher_impl: str = "fdsbench"  # fdsbench (DINO's run-time pos-embed interpolation) | timm (resampled at load)
     steps: int = 160_000
     batch_size: int = 12
     lr: float = 1e-4
@@ -112,22 +114,54 @@ class Samples(torch.utils.data.Dataset):
         return self.sample(g)
 
 
-class Teacher(torch.nn.Module):
-    """DINO ViT-S/8: last-block patch tokens (CLS dropped) as 384×h×w, optionally standardised."""
+def timm_teacher(weights: str, size: int) -> tuple[torch.nn.Module, str]:
+    """timm's ``vit_small_patch8_224.dino`` built for ``size``² input (random init, seed 0), the DINO
+    file loaded strictly with its position embedding resampled once at load (timm's bicubic with
+    antialias — unlike DINO's own run-time interpolation)."""
+    import timm
+    from timm.layers import resample_abs_pos_embed
 
-    def __init__(self, weights: str, norm: bool, device: str):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vit = timm.create_model("vit_small_patch8_224.dino", pretrained=False, img_size=size, num_classes=0)
+    prov = "random-init"
+    if weights != "random":
+        path, p = W.resolve(TEACHER, None if weights in ("default", "", None) else weights)
+        sd = W.read_checkpoint(path)
+        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], [size // 8, size // 8], num_prefix_tokens=1)
+        W.load_into(vit, sd, strict=True, source=str(path))
+        prov = p["sha256"]
+    return vit.eval().requires_grad_(False), prov
+
+
+class Teacher(torch.nn.Module):
+    """DINO ViT-S/8: last-block patch tokens (CLS dropped) as 384×h×w, optionally standardised.
+
+    ``impl="fdsbench"``: fdsbench's ViT (official DINO names, DINO's run-time position-embedding
+    interpolation, as ``torch.hub`` DINO); ``impl="timm"``: timm's model (:func:`timm_teacher`)."""
+
+    def __init__(self, weights: str, norm: bool, device: str, impl: str = "fdsbench", size: int = 512):
         super().__init__()
-        self.vit = build_backbone(TEACHER, weights, device=device, seed=0)
-        self.norm = norm
+        if impl == "fdsbench":
+            self.vit = build_backbone(TEACHER, weights, device=device, seed=0)
+            self._provenance = self.vit.provenance["sha256"]
+        elif impl == "timm":
+            self.vit, self._provenance = timm_teacher(weights, size)
+            self.vit.to(device)
+        else:
+            raise FdsError(f"distill: teacher implementation '{impl}' is unknown; use fdsbench or timm")
+        self.impl, self.norm = impl, norm
         self.register_buffer("mean", torch.zeros(1, 384, 1, 1, device=device))
         self.register_buffer("std", torch.ones(1, 384, 1, 1, device=device))
 
     @property
     def provenance(self) -> str:
-        return self.vit.provenance["sha256"]
+        return self._provenance
 
     @torch.no_grad()
     def raw(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "timm":
+            return self.vit.forward_intermediates(x, indices=1, norm=self.norm, intermediates_only=True)[0]
         return self.vit.forward_features(x, layers=(-1,), norm=self.norm)[0]
 
     @torch.no_grad()
@@ -185,7 +219,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     arch = student_key(cfg.student, cfg.fm_l_arch)
     samples = Samples(cfg.images, cfg.seed, cfg.student_size, cfg.teacher_size, cfg.grayscale_p)
-    teacher = Teacher(cfg.teacher_weights, cfg.teacher_norm, cfg.device)
+    teacher = Teacher(cfg.teacher_weights, cfg.teacher_norm, cfg.device, cfg.teacher_impl, cfg.teacher_size)
     rec = recipe(cfg, teacher.provenance)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -255,6 +289,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="output folder (default: $FDSBENCH_CACHE/weights/fm_students)")
     p.add_argument("--student", choices=("s", "l"), default=d.student)
     p.add_argument("--fm-l-arch", choices=("code", "table3"), default=d.fm_l_arch)
+    p.add_argument("--teacher-impl", choices=("fdsbench", "timm"), default=d.teacher_impl,
+                   help="fdsbench's ViT (DINO's own position-embedding interpolation) or timm's vit_small_patch8_224.dino")
     p.add_argument("--teacher-weights", default=d.teacher_weights,
                    help="dino_deitsmall8_pretrain.pth path, 'default' (weights table lookup) or 'random' (tests)")
     for name in ("steps", "batch_size", "student_size", "teacher_size", "norm_images", "seed", "checkpoint_every",
