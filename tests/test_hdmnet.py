@@ -187,7 +187,8 @@ def official_keys(base_classes=15, shot=1, dim=64, reduce=256):
         k[f"{T}match_layers.{i}.1.conv.weight"] = (dim, dim + 2, 3, 3)
         k |= bn(f"{T}match_layers.{i}.1.bn", dim)
         p = f"{T}parse_layers.{i}"
-        k |= {f"{p}.0.weight": (4 * dim, dim, 1, 1), f"{p}.0.bias": (4 * dim,), f"{p}.2.weight": (4 * dim, 4 * dim, 3, 3),
+        k |= {f"{p}.0.weight": (4 * dim, dim, 1, 1), f"{p}.0.bias": (4 * dim,),
+              f"{p}.2.weight": (4 * dim, 4 * dim, 3, 3),
               f"{p}.2.bias": (4 * dim,), f"{p}.4.weight": (dim, 4 * dim, 1, 1), f"{p}.4.bias": (dim,)}
         k |= bn(f"{p}.1", 4 * dim) | bn(f"{p}.3", 4 * dim) | bn(f"{p}.5", dim)
     k |= {f"{T}cls.0.weight": (4 * dim, dim, 1, 1), f"{T}cls.0.bias": (4 * dim,),

@@ -89,7 +89,8 @@ class MaskMultiHeadAttention(nn.Module):
         [B,1,Nk]: scores = cos(q, k) / temperature; attention = softmax over the QUERY axis with the
         columns of masked-out support positions zeroed; correlation w(i) = sum_t score(i,t) M(t) /
         (sum_t M(t) + 1e-9), averaged over heads. Returns (attention [B,h,Nq,Nk], correlation [B,Nq])."""
-        scores = torch.einsum("bhmc,bhnc->bhmn", F.normalize(q, dim=-1), F.normalize(k, dim=-1)) / self.cross_temperature
+        scores = torch.einsum("bhmc,bhnc->bhmn", F.normalize(q, dim=-1), F.normalize(k, dim=-1))
+        scores = scores / self.cross_temperature
         m = mask[:, None]  # [B,1,1,Nk]
         attn = torch.softmax(scores, dim=-2).masked_fill(m == 0, 0.0)
         corr = ((scores * m).sum(-1) / (m.sum(-1) + 1e-9)).mean(1)

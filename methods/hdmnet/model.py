@@ -30,7 +30,7 @@ from fdsbench.blocks.backbones.deep_resnet import build_deep_resnet
 from fdsbench.blocks.masks import weighted_gap
 from fdsbench.blocks.matching import merge_block, reduce_block, semantic_prior
 
-from .transformer import Stage, Transformer
+from .transformer import Transformer
 
 PRIOR_SCALE = 10.0  # the similarity stack enters query_merge multiplied by 10
 GRAM_EPS = 1e-7
