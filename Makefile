@@ -8,6 +8,8 @@ STAMP    := $(VENV)/.fdsbench-installed
 METHOD   ?= proto
 DATASET  ?= synthetic
 DATA_ROOT ?=
+# adapter options, space-separated key=value (e.g. DATASET_OPTS=mask_threshold=0 for 0/1 folder masks)
+DATASET_OPTS ?=
 FOLD     ?= 0
 SHOT     ?= 1
 RUNS     ?= 1
@@ -23,6 +25,8 @@ PLUGIN   ?=
 FORCE    ?=
 TRAIN_DATASET ?=
 TRAIN_DATA_ROOT ?=
+SCORES   ?= exact
+WORKERS  ?= 2
 ARGS     ?=
 
 # Nothing in our paths may reach the network (hub checks, font downloads, telemetry).
@@ -31,14 +35,15 @@ export HF_HUB_OFFLINE := 1
 export YOLO_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
+DATASET_OPT_ARGS = $(foreach o,$(DATASET_OPTS),--dataset-opt $(o))
 RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --fold $(FOLD) --shot $(SHOT) --runs $(RUNS) --seed $(SEED) \
-           --device $(DEVICE) --workdir $(WORKDIR) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
+           --device $(DEVICE) --workdir $(WORKDIR) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(DATASET_OPT_ARGS) \
            $(if $(PRESET),--preset $(PRESET)) $(if $(PROTOCOL),--protocol $(PROTOCOL)) \
            $(if $(PLUGIN),--plugin $(PLUGIN)) $(if $(FORCE),--force) \
            $(if $(TRAIN_DATASET),--train-dataset $(TRAIN_DATASET)) $(if $(TRAIN_DATA_ROOT),--train-data-root $(TRAIN_DATA_ROOT)) \
-           $(ARGS)
+           --scores $(SCORES) --workers $(WORKERS) $(ARGS)
 
-.PHONY: setup bench fps test leaderboard report compare episodes bench-metrics clean-runs
+.PHONY: setup bench fps fps-table test leaderboard report compare episodes bench-metrics clean-runs
 
 setup: $(STAMP)
 
@@ -57,6 +62,11 @@ bench: setup
 fps: setup
 	$(VENV)/bin/fdsbench fps $(RUN_ARGS) --episodes $(EPISODES)
 
+fps-table: setup
+	$(VENV)/bin/fdsbench fps-table --device $(DEVICE) --dataset $(DATASET) --fold $(FOLD) --shot $(SHOT) \
+	    --workdir $(WORKDIR) --out $(LEADERBOARDS) --presets $(or $(PRESETS),paper) --episodes $(EPISODES) \
+	    $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(PLUGIN),--plugin $(PLUGIN)) $(ARGS)
+
 leaderboard: setup
 	$(VENV)/bin/fdsbench leaderboard --workdir $(WORKDIR) --out $(LEADERBOARDS)
 
@@ -70,7 +80,8 @@ compare: setup
 
 episodes: setup
 	$(VENV)/bin/fdsbench episodes make --dataset $(DATASET) --fold $(FOLD) --shot $(SHOT) --runs $(RUNS) \
-	    --seed $(SEED) --workdir $(WORKDIR) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(PROTOCOL),--protocol $(PROTOCOL))
+	    --seed $(SEED) --workdir $(WORKDIR) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(DATASET_OPT_ARGS) \
+	    $(if $(PROTOCOL),--protocol $(PROTOCOL))
 
 bench-metrics: setup
 	$(PY) benchmarks/bench_metrics.py $(if $(PIXELS),--pixels $(PIXELS)) $(ARGS)

@@ -6,7 +6,12 @@ with optional query masks and a normal pool)::
     <root>/<object>/query/image/<name>.png|jpg        query images
     <root>/<object>/query/mask/<stem>_mask.png        optional: with it a query is scored,
                                                       without it the query is predict-only
-    <root>/<object>/normal/<name>.png|jpg             optional defect-free images (normal pool)
+                                                      (``query/true_label/`` as in the SOFS
+                                                      repository's examples is read the same way)
+    <root>/<object>/query/normal/<name>.png|jpg       optional defect-free queries: scored with an
+                                                      all-background ground truth, never supports
+    <root>/<object>/normal/<name>.png|jpg             optional defect-free images (normal pool,
+                                                      e.g. FAD supports; never queries)
 
 One defect class per object, named ``defect`` (class key ``<object>/defect``). Records carry
 split "support" or "query", so that supports are drawn only from support/ and queries only from
@@ -31,8 +36,11 @@ class Folder(DatasetAdapter):
 
     folds: list = []
     option_names = ("mask_threshold",)
-    layout = ("<object>/support/{image,mask}/, <object>/query/image/ [+ query/mask/], optional "
-              "<object>/normal/; masks <stem>_mask.png")
+    layout = ("<object>/support/{image,mask}/, <object>/query/image/ [+ query/mask/ or query/true_label/], "
+              "optional <object>/query/normal/ (defect-free queries) and <object>/normal/ (normal pool); "
+              "masks <stem>_mask.png")
+    #: where query masks may live: our name and the SOFS repository's
+    QUERY_MASK_DIRS = ("mask", "true_label")
 
     def __init__(self, root, cache_dir=None, mask_threshold: int | None = None, **options):
         if mask_threshold is not None:
@@ -74,12 +82,24 @@ class Folder(DatasetAdapter):
             queries = image_files(o / "query" / "image")
             if not queries:
                 self.note("warning", o / "query" / "image", "no query images")
+            mask_dirs = [o / "query" / d for d in self.QUERY_MASK_DIRS if (o / "query" / d).is_dir()]
+            if len(mask_dirs) > 1:
+                self.note("error", o / "query", "both query/mask/ and query/true_label/ exist: keep one "
+                                                "(they would disagree about which mask a query has)")
+            n_scored = 0
             for img in queries:
                 rel = str(img.relative_to(self.root))
-                mask = self._mask_of(o / "query" / "mask", img)
+                mask = self._mask_of(mask_dirs[0], img) if mask_dirs else None
+                n_scored += mask is not None
                 records.append(ImageRecord(rel, rel, o.name, {CLASS: self._spec(mask)} if mask else {},
                                            split="query"))
+            if queries and mask_dirs and not n_scored:
+                self.note("warning", mask_dirs[0], f"no query mask matches a query image (expected "
+                                                   f"<stem>_mask.png or <stem>.png): every query is predict-only")
+            for img in image_files(o / "query" / "normal"):
+                rel = str(img.relative_to(self.root))
+                records.append(ImageRecord(rel, rel, o.name, normal=True, split="query"))
             for img in image_files(o / "normal"):
                 rel = str(img.relative_to(self.root))
-                records.append(ImageRecord(rel, rel, o.name, normal=True))
+                records.append(ImageRecord(rel, rel, o.name, normal=True, split="train"))
         return records

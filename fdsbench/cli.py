@@ -9,13 +9,21 @@ import sys
 from pathlib import Path
 
 from .config import parse_overrides
+from .datasets_cli import open_dataset, parse_dataset_options
 from .errors import FdsError
+
+
+def _add_dataset_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="dataset adapter option, e.g. mask_threshold=0 (folder) or domain=view (aebad); "
+                        "part of the dataset identity (repeatable)")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", "-m", default="proto", help="registered method name (fdsbench methods)")
     p.add_argument("--dataset", "-d", default="synthetic", help="dataset adapter name (fdsbench datasets list)")
     p.add_argument("--data-root", default=None, help="dataset root folder (optional for synthetic)")
+    _add_dataset_opt(p)
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--shot", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="first test seed; run i uses seed+i")
@@ -42,6 +50,21 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=float, default=20.0, metavar="SECONDS",
                    help="save resumable progress at most this often")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--scores", choices=("exact", "binned"), default="exact",
+                   help="pixel AUROC/F1/AUPRO: exact (default) or binned (constant memory, error bound recorded)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads decoding episodes ahead of the method (0: decode and score inline); "
+                        "results do not depend on it")
+    p.add_argument("--cache-mb", type=float, default=None, help="decoded-image cache size (default 512)")
+    _add_speed_args(p)
+
+
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true", help="torch.compile the method's modules (recorded)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (recorded)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="autotuned cuDNN convolutions (CUDA)")
+    p.add_argument("--warmup-per-shape", action="store_true",
+                   help="an untimed predict before the first query of each new size (with --cudnn-benchmark)")
 
 
 def _spec(args):
@@ -50,7 +73,8 @@ def _spec(args):
     def blank(v):
         return v if v not in ("", None) else None
 
-    return BenchSpec(method=args.method, dataset=args.dataset, data_root=blank(args.data_root), fold=args.fold,
+    return BenchSpec(method=args.method, dataset=args.dataset, data_root=blank(args.data_root),
+                     dataset_options=parse_dataset_options(args.dataset_opt), fold=args.fold,
                      shot=args.shot, seed=args.seed, runs=args.runs, train_seed=args.train_seed,
                      train_dataset=blank(args.train_dataset), train_data_root=blank(args.train_data_root),
                      train_fold=args.train_fold,
@@ -59,7 +83,10 @@ def _spec(args):
                      device=init_distributed(args.device),
                      threshold=args.threshold, workdir=args.workdir, plugins=args.plugin, force=args.force,
                      max_episodes=args.max_episodes, progress=not args.no_progress,
-                     checkpoint_every_s=args.checkpoint_every)
+                     checkpoint_every_s=args.checkpoint_every, score_mode=args.scores, workers=args.workers,
+                     **({"cache_mb": args.cache_mb} if args.cache_mb is not None else {}),
+                     compile=args.compile, channels_last=args.channels_last, cudnn_benchmark=args.cudnn_benchmark,
+                     warmup_per_shape=args.warmup_per_shape)
 
 
 def cmd_bench(args) -> int:
@@ -104,11 +131,31 @@ def cmd_fps(args) -> int:
     return 0
 
 
+def cmd_fps_table(args) -> int:
+    from .fpstable import fps_table
+    from .registry import load_plugin
+    from .runner import check_device
+
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    folder = fps_table(device=check_device(args.device), dataset=args.dataset, data_root=args.data_root or None,
+                       fold=args.fold, shot=args.shot, presets=args.presets,
+                       methods=[m for m in args.methods.split(",") if m] if args.methods else None,
+                       episodes=args.episodes, warmup=args.warmup, workdir=args.workdir, out=args.out,
+                       compare_fp32=args.compare_fp32, compile=args.compile, channels_last=args.channels_last,
+                       cudnn_benchmark=args.cudnn_benchmark, warmup_per_shape=args.warmup_per_shape,
+                       log=lambda m: print(m, file=sys.stderr))
+    print((folder / "fps_table.md").read_text())
+    print(f"wrote {folder}/fps_table.md, .csv, .json, .png")
+    return 0
+
+
 def cmd_episodes(args) -> int:
-    from .episodes import Manifest, get_manifest, resolve_protocol
-    from .registry import get_dataset
+    from .episodes import Manifest, check_episode_masks, get_manifest, protocol_for
 
     if args.action == "show":
+        if not args.path:
+            raise FdsError("episodes show needs a manifest file: fdsbench episodes show runs/manifests/<name>.json")
         m = Manifest.load(args.path)
         print(f"{m.path}: dataset {m.dataset} fold {m.fold} {m.shot}-shot seed {m.seed} "
               f"protocol {m.protocol['name']} hash {m.hash}")
@@ -120,10 +167,23 @@ def cmd_episodes(args) -> int:
             print(f"  #{e.index} {e.class_key}: supports {sup}; queries {', '.join(e.queries[:3])}"
                   + (" ..." if len(e.queries) > 3 else ""))
         return 0
-    ds = get_dataset(args.dataset)(args.data_root or None)
-    proto = resolve_protocol(args.protocol, args.shot, parse_overrides(args.protocol_opt), ds.protocol_defaults)
+    from .io import check_writable_dir
+    from .runner import replacement_warnings
+
+    if args.path:
+        raise FdsError(f"episodes make takes no manifest path (got '{args.path}'); it writes under --workdir")
+    for name, lo in (("shot", 1), ("runs", 1), ("fold", 0)):
+        if getattr(args, name) < lo:
+            raise FdsError(f"{name} must be >= {lo}, got {getattr(args, name)}")
+    check_writable_dir(args.workdir)
+    ds = open_dataset(args.dataset, args.data_root or None, options=parse_dataset_options(args.dataset_opt))
+    ds.check_fold(args.fold)
+    proto = protocol_for(ds, args.protocol, args.shot, args.fold, parse_overrides(args.protocol_opt))
     for seed in range(args.seed, args.seed + args.runs):
         m = get_manifest(Path(args.workdir), ds, args.fold, args.shot, seed, proto)
+        for line in replacement_warnings(m):
+            print(line, file=sys.stderr)
+        check_episode_masks(ds, m.episodes, proto)
         print(f"{m.path}  ({len(m.episodes)} episodes, {m.n_queries} queries, hash {m.hash})")
     return 0
 
@@ -188,8 +248,16 @@ def cmd_methods(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``fdsbench bench: error: ...`` and where to see the options)
+    instead of the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fdsbench", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fdsbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("bench", help="run a method on a dataset fold and print the results table")
@@ -202,11 +270,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls of prepare and predict")
     p.set_defaults(func=cmd_fps)
 
+    p = sub.add_parser("fps-table", help="FPS of every method at each paper preset, GFDS Table 4 shape, with plot")
+    p.add_argument("--device", default="cuda", help="cuda, cuda:N, cpu")
+    p.add_argument("--dataset", "-d", default="synthetic")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--presets", default="paper", help="paper (every paper preset) or preset names, e.g. test")
+    p.add_argument("--methods", default="", help="comma list (default: every registered method)")
+    p.add_argument("--episodes", type=int, default=20, help="episodes timed per row")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls of prepare and predict")
+    p.add_argument("--compare-fp32", type=int, default=4, metavar="N",
+                   help="compare the outputs of autocast rows with fp32 on the first N queries (0: off)")
+    p.add_argument("--workdir", default="runs")
+    p.add_argument("--out", default="leaderboards")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py")
+    _add_speed_args(p)
+    p.set_defaults(func=cmd_fps_table)
+
     p = sub.add_parser("episodes", help="make or show frozen episode manifests")
     p.add_argument("action", choices=["make", "show"])
     p.add_argument("path", nargs="?", help="manifest file (show)")
     p.add_argument("--dataset", "-d", default="synthetic")
     p.add_argument("--data-root", default=None)
+    _add_dataset_opt(p)
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--shot", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

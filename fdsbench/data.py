@@ -268,10 +268,13 @@ class DatasetAdapter:
             self._index = DatasetIndex(self._cached_scan())
         return self._index
 
-    def _cached_scan(self) -> list[ImageRecord]:
-        sig = self.tree_signature()
+    def _cache_path(self, suffix: str = "") -> Path:
         key = content_hash([str(self.root.resolve()), self.name, sorted(self.options.items(), key=str)], 16)
-        path = self.cache_dir / f"{self.name}-{key}.json"
+        return self.cache_dir / f"{self.name}-{key}{suffix}.json"
+
+    def _cached_scan(self) -> list[ImageRecord]:
+        sig = self._signature = self.tree_signature()
+        path = self._cache_path()
         if path.is_file():
             try:
                 cached = json.loads(path.read_text())
@@ -296,14 +299,48 @@ class DatasetAdapter:
 
     @functools.cached_property
     def dataset_hash(self) -> str:
-        """Hash of the index content (ids, classes, mask specs) — recorded in manifests; computed once,
-        as the index is. Trees with polygon masks also hash the rasteriser, so manifests made with
-        another one are not reused."""
+        """The dataset's identity: the index (ids, objects, full mask specs with their thresholds or
+        values, normal/split flags), the adapter options, the polygon rasteriser where polygons are
+        used, and the bytes of every image and mask file the index references. Two trees with the
+        same file names but other masks (a label fix) get different hashes, so their manifests, fits
+        and run records are never reused for each other; a copy of a tree elsewhere keeps its hash."""
         recs = sorted(self.index.records.values(), key=lambda r: r.id)
-        body = [[r.id, r.object, sorted(r.masks), r.normal, r.split] for r in recs]
-        if any("polygons" in spec for r in recs for spec in r.masks.values()):
+        body = [[r.id, r.object, canonical_json(r.masks), r.normal, r.split] for r in recs]
+        if any("polygons" in spec for r in recs for spec in _specs(r.masks)):
             body.append(POLYGON_FILL)
-        return content_hash(body)
+        return content_hash([body, sorted(self.options.items(), key=str), self.file_digest()])
+
+    def file_digest(self) -> str:
+        """sha256 over the bytes of every image and PNG mask the index references (in id order),
+        cached beside the index for the tree's current signature: computed once per tree state."""
+        import hashlib
+
+        self.index
+        cache = self._cache_path(".files")
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("signature") == self._signature:
+                return cached["digest"]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass
+        files = []
+        for r in sorted(self.index.records.values(), key=lambda r: r.id):
+            files.append(r.path)
+            files += [spec["png"] for spec in _specs(r.masks) if "png" in spec]
+        from tqdm.auto import tqdm
+
+        h = hashlib.sha256()
+        for rel in tqdm(files, desc=f"hashing {self.name} content", leave=False, disable=len(files) < 2000):
+            try:
+                h.update(f"{rel}\0{sha256_file(self.root / rel)}\n".encode())
+            except OSError as e:
+                raise DataError(f"cannot read {self.root / rel} while hashing the dataset: {e}") from None
+        digest = h.hexdigest()
+        try:
+            atomic_write_text(cache, json.dumps({"signature": self._signature, "digest": digest}))
+        except OSError:
+            pass  # read-only cache dir: hashed again next time
+        return digest
 
     # ---- decoding ----------------------------------------------------------------------------
     def record(self, image_id: str) -> ImageRecord:
@@ -403,10 +440,12 @@ class DatasetAdapter:
     def normal_pool(self, obj: str) -> NormalPool:
         """Defect-free images of ``obj`` a method may fit on. Where the publisher splits the object
         (MVTec AD, VisA, AeBAD: split "train"/"test"), only the train-split normals: the test-split
-        normals are queries of the FAD / NBR+CaP protocols and must never be in the pool."""
+        normals are queries of the FAD / NBR+CaP protocols and must never be in the pool: an object
+        whose publisher split has no train normals gets an empty pool (methods that need one refuse)."""
         ids = self.index.normals.get(obj, [])
-        train = [i for i in ids if self.index.records[i].split == "train"]
-        return NormalPool(train or ids, self.load_image)
+        if any(self.index.records[i].split for i in ids):
+            ids = [i for i in ids if self.index.records[i].split == "train"]
+        return NormalPool(ids, self.load_image)
 
     def train_source(self, fold: int, seed: int) -> TrainSource:
         """The base folds of test fold ``fold`` (its complement), or every object for ``fold = -1``
@@ -531,6 +570,11 @@ class DatasetAdapter:
                 m = self.load_mask(image_id, cls.split("/", 1)[1])
                 rows.append((cls, image_id, int(m.sum()), int(m.size)))
         return rows
+
+
+def _specs(masks: dict) -> list[dict]:
+    """Every single mask spec of a record's ``masks`` (lists of OR-ed specs flattened)."""
+    return [s for spec in masks.values() for s in (spec if isinstance(spec, list) else [spec])]
 
 
 def _spec_path(spec) -> str | None:

@@ -49,6 +49,13 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 OPTIONAL: dict[str, dict[str, Any]] = {"fss": {"draw": "fdsbench"}}
 
 
+def protocol_for(ds, name: str, shot: int, fold: int, overrides: dict | None = None) -> dict:
+    """The protocol of a run on fold ``fold`` of ``ds``: the dataset's per-fold defaults (e.g.
+    SOFS's area_resize_ratio on VISION V1 fold 1) under the user's overrides. ``bench``, ``fps``
+    and ``episodes make`` all resolve protocols here, so they make the same manifests."""
+    return resolve_protocol(name, shot, overrides, ds.protocol_defaults_for(fold))
+
+
 def resolve_protocol(name: str, shot: int, overrides: dict | None = None, dataset_defaults: dict | None = None):
     if name not in PROTOCOLS:
         raise FdsError(f"unknown protocol '{name}'; known: {', '.join(PROTOCOLS)}")
@@ -178,7 +185,7 @@ def generate(ds: DatasetAdapter, fold: int, shot: int, seed: int, proto: dict, p
                     skipped.append(f"{obj}: {len(defective)} defective images, needs more than shot={shot}")
                     continue
                 sup = _draw(defective, shot, _rng(seed, name, obj))
-                normals = sorted(r.id for r in recs if r.normal and r.split == "test")
+                normals = sorted(r.id for r in recs if r.normal and r.split in ("test", "query"))
                 queries = tuple(i for i in defective if i not in set(sup)) + tuple(normals)
                 episodes.append(Episode(len(episodes), f"{obj}/*", tuple(SupportRef(s) for s in sup), queries))
         for cls in classes:

@@ -167,9 +167,10 @@ class EpisodeLoader:
 
     def gt(self, image_id: str, ep: Episode) -> np.ndarray | None:
         cls = ep.defect_class
-        if cls != "*" and cls not in self.ds.record(image_id).masks:
-            if self.ds.record(image_id).split == "query":
-                return None
+        rec = self.ds.record(image_id)
+        if cls != "*" and cls not in rec.masks:
+            if rec.split == "query":  # a user's query: defect-free (scored, all background) or predict-only
+                return self._mask(image_id, "*") if rec.normal else None
             raise FdsError(f"query {image_id} has no mask of class {cls}")
         return self._mask(image_id, cls)
 
@@ -189,7 +190,9 @@ class EpisodeLoader:
                 raise FdsError(f"method '{self.method_cls.name}' needs defect-free images of product "
                                f"'{ep.object}', and dataset '{self.ds.name}' has none: not applicable (N/A)")
             pool = NormalPool(ids, self.normal_image)
-        return SupportSet(ep.class_key, shots, derive_seed(self.manifest.hash, ep.index), pool, ep.index)
+        proto = self.manifest.protocol or {}
+        crop = int(proto.get("crop_size") or 0) if proto.get("crops", False) else 0
+        return SupportSet(ep.class_key, shots, derive_seed(self.manifest.hash, ep.index), pool, ep.index, crop)
 
     def query(self, image_id: str) -> Query:
         return Query(image_id, self.image(image_id))

@@ -77,6 +77,11 @@ class Method:
         """name -> sha256 of each weights file loaded, or "random-init"."""
         return {}
 
+    def label(self) -> str:
+        """The name tables show for this configured method (e.g. which output map a row scored);
+        the method name unless a method says more."""
+        return self.name
+
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "config": config_dict(self.config),
                 "config_hash": config_hash(self.config), "weights": self.weights_provenance()}

@@ -6,8 +6,10 @@ One run = one (method config, dataset, fold, shot, seed, protocol). The runner
   keeps the checkpoint (a second run loads it);
 * seeds every episode from (manifest hash, episode index), so a result never depends on the order
   or sharding of episodes;
-* checkpoints the meters every few episodes (atomically), so a killed run resumes where it stopped
-  and gives the same numbers as an uninterrupted one;
+* checkpoints the meters every few episodes (atomically, append-only, in a format that cannot run
+  code: ``.npz`` read with ``allow_pickle=False`` + JSON), so a killed run resumes where it stopped
+  and gives the same numbers as an uninterrupted one; a damaged resume state is set aside
+  (``*.damaged``) with a warning and the run restarts — it is never trusted;
 * validates every prediction (shape, dtype, range, NaN) and names the method and query on failure;
 * writes one JSON run record atomically: config + hash, weights provenance, dataset + manifest hash,
   seeds, versions, device, metrics, per-class table, timing.
@@ -16,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
-import pickle
+import re
+import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,10 +33,14 @@ import numpy as np
 from . import __version__
 from .config import build_config, config_dict, config_hash
 from .data import DatasetAdapter
-from .episodes import Manifest, get_manifest, resolve_protocol
-from .errors import FdsError
-from .io import atomic_write_bytes, atomic_write_json, content_hash
+from .episodes import Manifest, check_episode_masks, get_manifest, protocol_for
+from .errors import DataError, FdsError
+from .io import (atomic_write_bytes, atomic_write_json, check_writable_dir, content_hash, read_json, read_npz,
+                 set_aside, sha256_file, write_npz)
+from .loading import DEFAULT_CACHE_MB, EpisodeLoader, OrderedWorker, host_array, responsive_gil
 from .method import Method
+from .timing import ShapeWarmup, accelerate, autocast
+from .datasets_cli import open_dataset
 from .registry import get_dataset, get_method, load_plugin
 from .seeding import derive_seed, seed_everything
 from .types import Episode, Query, Shot, SupportSet
@@ -46,6 +53,7 @@ class BenchSpec:
     method: str = "proto"
     dataset: str = "synthetic"
     data_root: str | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)  # adapter options (--dataset-opt)
     fold: int = 0
     shot: int = 1
     seed: int = 0  # first test seed; run i uses seed + i
@@ -70,6 +78,13 @@ class BenchSpec:
     precision: str = "fp32"  # set from the method (``Method.precision``) by run()
     checkpoint_every_s: float = 20.0
     progress: bool = True
+    score_mode: str = "exact"  # pixel scores: "exact" or "binned" (constant memory, error bound recorded)
+    workers: int = 2  # decoding threads ahead of the method; 0: decode inline, score inline
+    cache_mb: float = DEFAULT_CACHE_MB  # decoded-image cache of the episode loader
+    compile: bool = False  # torch.compile the method's modules (recorded; part of the run identity)
+    channels_last: bool = False  # channels-last memory format of its modules (recorded; identity)
+    cudnn_benchmark: bool = False  # autotuned cuDNN convolutions (CUDA; pair with warmup_per_shape)
+    warmup_per_shape: bool = False  # an untimed predict before the first query of each new size
 
 
 def _progress(iterable=None, total=None, desc="", enabled=True, initial=0):
@@ -165,55 +180,37 @@ def validate_prediction(pred, query: Query, method: str) -> np.ndarray:
     return pred.astype(np.float32, copy=False)
 
 
-class EpisodeLoader:
-    """Decodes an episode's support set and queries from the dataset. Ground truth = the episode's
-    class only (the union of all defects for ``"<object>/*"`` episodes); a query without a mask of
-    its class (user folders: predict-only queries) has ground truth ``None``. With the protocol's
-    ``resize`` set, images and masks are decoded at that size."""
-
-    def __init__(self, ds: DatasetAdapter, method_cls: type, manifest: Manifest):
-        self.ds, self.method_cls, self.manifest = ds, method_cls, manifest
-        resize = (manifest.protocol or {}).get("resize")
-        self.size = tuple(resize) if resize else None
-
-    def gt(self, image_id: str, ep: Episode) -> np.ndarray | None:
-        rec = self.ds.record(image_id)
-        cls = ep.defect_class
-        if cls == "*":
-            if not rec.masks:
-                return np.zeros(self.size or self.ds.image_size(image_id), bool)
-            return self.ds.load_mask(image_id, "*", size=self.size)
-        if cls not in rec.masks:
-            if rec.split == "query":
-                return None
-            raise FdsError(f"query {image_id} has no mask of class {cls}")
-        return self.ds.load_mask(image_id, cls, size=self.size)
-
-    def support(self, ep: Episode) -> SupportSet:
-        shots = []
-        fad = ep.defect_class == "*" and self.manifest.protocol.get("name") == "fad"
-        for ref in ep.supports:
-            image = self.ds.load_image(ref.id, size=self.size)
-            mask = np.zeros(image.shape[:2], bool) if fad else self.gt(ref.id, ep)
-            if mask.shape != image.shape[:2]:
-                raise FdsError(f"mask of {ref.id} is {mask.shape}, image is {image.shape[:2]}")
-            shots.append(Shot(ref.id, image, mask, ref.crops))
-        pool = None
-        if self.method_cls.requires.normal_pool:
-            pool = self.ds.normal_pool(ep.object)
-            if len(pool) == 0:
-                raise FdsError(f"method '{self.method_cls.name}' needs defect-free images of product "
-                               f"'{ep.object}', and dataset '{self.ds.name}' has none: not applicable (N/A)")
-        return SupportSet(ep.class_key, shots, derive_seed(self.manifest.hash, ep.index), pool, ep.index)
-
-    def query(self, image_id: str) -> Query:
-        return Query(image_id, self.ds.load_image(image_id, size=self.size))
+#: protocols whose papers report scores per category, then the mean over categories (SOFS's FAD
+#: table, WinCLIP, MVTec AD / VisA practice; NBR+CaP per product)
+CLASS_MEAN_PROTOCOLS = ("fad", "per_support")
+CLASS_MEAN_SCORES = ("image_auroc", "pixel_auroc", "pixel_f1_max", "aupro")
 
 
-def _make_meters(spec: BenchSpec):
+def aggregation(proto: dict) -> str:
+    return "class_mean" if proto.get("name") in CLASS_MEAN_PROTOCOLS else "pooled"
+
+
+def _make_meters(spec: BenchSpec, proto: dict):
     from .metrics import MeterSet
 
-    return MeterSet(threshold=spec.threshold)
+    return MeterSet(threshold=spec.threshold, score_mode=spec.score_mode,
+                    per_class_scores=aggregation(proto) == "class_mean")
+
+
+def report_metrics(metrics: dict, proto: dict, manifest: Manifest) -> dict:
+    """The run's reported numbers. Class-mean protocols report each score as the mean over
+    categories and keep the value pooled over all pixels as ``<name>_pooled``; ``n_classes`` counts
+    the manifest's classes (a class with no scored query is listed in ``unscored_classes``)."""
+    out = dict(metrics)
+    out["aggregation"] = aggregation(proto)
+    if out["aggregation"] == "class_mean":
+        for k in CLASS_MEAN_SCORES:
+            out[k + "_pooled"] = out.get(k)
+            out[k] = out.get(k + "_classmean")
+    classes = sorted({e.class_key for e in manifest.episodes})
+    out["unscored_classes"] = [c for c in classes if c not in out.get("per_class", {})]
+    out["n_classes"] = len(classes)
+    return out
 
 
 def _make_timer(spec: BenchSpec):
@@ -229,9 +226,21 @@ def _train_tag(spec: BenchSpec) -> str:
     return f"_from-{spec.train_dataset}" + (f"-f{spec.train_fold}" if spec.train_fold >= 0 else "")
 
 
-def run_id(spec: BenchSpec, method: Method, manifest: Manifest) -> str:
+def run_identity(spec: BenchSpec, method: Method, trained_on: dict | None, proto: dict) -> dict:
+    """Everything besides the manifest (which carries the dataset's content hash, fold, shot, seed
+    and protocol) that can change a number of the run: a record is reused only when all of it is
+    equal. Paths are not identity; the content they name is."""
+    return {"method": method.name, "config_hash": config_hash(method.config),
+            "weights": method.weights_provenance(),
+            "trained_on": {k: v for k, v in trained_on.items() if k != "data_root"} if trained_on else None,
+            "threshold": spec.threshold, "score_mode": spec.score_mode, "precision": spec.precision,
+            "max_episodes": spec.max_episodes, "aggregation": aggregation(proto),
+            **{k: getattr(spec, k) for k in ("compile", "channels_last") if getattr(spec, k, None)}}
+
+
+def run_id(spec: BenchSpec, method: Method, manifest: Manifest, identity: dict) -> str:
     return (f"{method.name}_{spec.dataset}_fold{spec.fold}_{spec.shot}shot_seed{manifest.seed}_"
-            f"{config_hash(method.config)[:8]}_{manifest.hash[:8]}" + _train_tag(spec)
+            f"{content_hash(identity, 8)}_{manifest.hash[:8]}" + _train_tag(spec)
             + (f"_first{spec.max_episodes}" if spec.max_episodes else ""))
 
 
@@ -253,9 +262,10 @@ def training_data(spec: BenchSpec, ds: DatasetAdapter) -> tuple[DatasetAdapter, 
     return tds, spec.train_fold
 
 
-def fit_or_load(spec: BenchSpec, method: Method, ds: DatasetAdapter,
+def fit_or_load(spec: BenchSpec, method: Method, ds: DatasetAdapter, proto: dict,
                 log: Callable[[str], None]) -> tuple[str | None, dict | None]:
-    """Meta-train ``method`` on the base folds (or on ``spec.train_dataset``), or load the checkpoint
+    """Meta-train ``method`` on the base folds (or on ``spec.train_dataset``) for the test protocol's
+    shot and crop size (one model per shot, as the official FSS recipes train), or load the checkpoint
     of an earlier identical fit. Under torch.distributed, rank 0 trains and the other ranks load it.
     Returns (checkpoint path, what it was trained on) or (None, None) for untrained methods."""
     if not method.requires.training:
@@ -265,9 +275,12 @@ def fit_or_load(spec: BenchSpec, method: Method, ds: DatasetAdapter,
     import torch
 
     tds, tfold = training_data(spec, ds)
+    crop = int(proto.get("crop_size") or 0) if proto.get("crops", True) else 0
     trained_on = {"dataset": tds.name, "data_root": str(tds.root), "dataset_hash": tds.dataset_hash,
-                  "fold": tfold, "objects": "all" if tfold < 0 else "base folds", "seed": spec.train_seed}
-    key = content_hash([method.name, config_dict(method.config), tds.dataset_hash, tfold, spec.train_seed], 12)
+                  "fold": tfold, "objects": "all" if tfold < 0 else "base folds", "seed": spec.train_seed,
+                  "shot": spec.shot, "crop_size": crop}
+    key = content_hash([method.name, config_dict(method.config), tds.dataset_hash, tfold, spec.train_seed,
+                        spec.shot, crop], 12)
     what = "all" if tfold < 0 else f"fold{tfold}"
     ckpt = Path(spec.workdir) / "checkpoints" / f"{method.name}_{tds.name}_{what}_train{spec.train_seed}_{key}.pt"
     rank, size = world()
@@ -280,7 +293,8 @@ def fit_or_load(spec: BenchSpec, method: Method, ds: DatasetAdapter,
         log(f"training {method.name} on " + (f"all objects of {tds.name}" if tfold < 0 else
                                              f"the base folds of {tds.name} fold {tfold}")
             + f" (checkpoints in {fit_dir})")
-        method.fit(tds.train_source(tfold, spec.train_seed), fit_dir)
+        method.fit(dataclasses.replace(tds.train_source(tfold, spec.train_seed), shot=spec.shot, crop_size=crop),
+                   fit_dir)
         if rank == 0:
             buf = io.BytesIO()
             torch.save(method.state_dict(), buf)
@@ -288,71 +302,234 @@ def fit_or_load(spec: BenchSpec, method: Method, ds: DatasetAdapter,
         barrier()
         return str(ckpt), trained_on
     barrier()
-    method.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False))
+    try:  # plain tensors only: a crafted pickle in a shared workdir cannot run code
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated file, pickled objects, not a torch file
+        raise FdsError(f"cannot read the trained checkpoint {ckpt} as plain tensors ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200] if str(e) else ''}); it is damaged or was not written "
+                       f"by fdsbench: delete it to train again") from None
+    method.load_state_dict(state)
     log(f"loaded trained weights {ckpt}")
     return str(ckpt), trained_on
+
+
+RESUME_VERSION = 1
+_CHUNK_RE = re.compile(r"^(chunk|hist)-\d{5}\.npz$")
+
+
+def partial_dir(workdir: str | os.PathLike, rid: str, rank: int = 0, size: int = 1) -> Path:
+    """Folder of the resumable progress of run ``rid`` (one per rank under torch.distributed)."""
+    return Path(workdir) / "runs" / (f"{rid}.partial" if size == 1 else f"{rid}.rank{rank}of{size}.partial")
+
+
+class ResumeState:
+    """Resumable progress of one run on one rank, in ``runs/<run_id>.partial/``:
+
+    * ``chunk-NNNNN.npz`` — the meter rows (and exact-mode pixel scores) of the queries scored since
+      the previous save; each chunk is written once and never rewritten, so a save costs what was
+      added since the last one, not the whole run;
+    * ``hist-NNNNN.npz`` — binned mode only: the constant-size histograms (the latest one listed);
+    * ``state.json`` — episodes done, timing state, and the chunk files with their sha256, written
+      last (atomically): a chunk not listed there is ignored.
+
+    Nothing is unpickled (``allow_pickle=False``; JSON). On load everything is checked — the run id,
+    the manifest hash, each chunk's sha256, the meter state's consistency, and that the scored
+    queries are exactly those of the episodes said to be done."""
+
+    def __init__(self, folder: Path, rid: str, manifest: Manifest):
+        self.folder, self.rid, self.manifest = folder, rid, manifest
+        self.chunks: list[dict] = []
+        self.hist: dict | None = None
+        self.saved: set[tuple] = set()
+
+    def _read(self, make_meters, make_timer, loader: "EpisodeLoader", mine: dict[int, Episode]):
+        meters, timer = make_meters(), make_timer()
+        st = read_json(self.folder / "state.json", "resume state")
+        if st.get("version") != RESUME_VERSION or st.get("run_id") != self.rid:
+            raise DataError(f"state.json is for run {st.get('run_id')!r} (version {st.get('version')!r})")
+        if st.get("manifest_hash") != self.manifest.hash:
+            raise DataError("state.json was made from another episode manifest")
+        done, chunks, hist = st.get("done"), st.get("chunks"), st.get("hist")
+        if not (isinstance(done, list) and all(isinstance(i, int) and i in mine for i in done)):
+            raise DataError("state.json lists episodes that are not this run's")
+        if not isinstance(chunks, list) or not (hist is None or isinstance(hist, dict)):
+            raise DataError("state.json has no chunk list")
+        for entry in chunks + ([hist] if hist else []):
+            name = entry.get("file") if isinstance(entry, dict) else None
+            if not (isinstance(name, str) and _CHUNK_RE.match(name)):
+                raise DataError(f"state.json names an unexpected file {name!r}")
+            path = self.folder / name
+            if not path.is_file() or sha256_file(path) != entry.get("sha256"):
+                raise DataError(f"{name} is missing or does not match its sha256 in state.json")
+            from .metrics.meterset import state_from_arrays
+
+            part = make_meters()
+            part.load_state_dict(state_from_arrays(read_npz(path)))
+            meters.merge(part)
+        done = set(done)
+        expected = {(e, q, mine[e].class_key) for e in done for q in mine[e].queries if loader.scored(q, mine[e])}
+        if set(meters.keys()) != expected:
+            raise DataError(f"the meters hold {len(meters)} scored queries, the {len(done)} episodes said to be "
+                            f"done have {len(expected)}")
+        timer.load_state_dict(st.get("timing"))
+        self.chunks, self.hist, self.saved = list(chunks), hist, set(expected)
+        return meters, timer, done
+
+    def load(self, make_meters, make_timer, loader: "EpisodeLoader", mine: dict[int, Episode],
+             log: Callable[[str], None]):
+        """(meters, timer, episodes already done) from the saved state; fresh ones and no episode when
+        there is none, or when it is damaged — then it is set aside as ``*.damaged`` with a warning
+        naming it, and the run restarts clean. ``mine``: this rank's episodes by index."""
+        legacy = self.folder.with_name(self.folder.name + ".pkl")
+        if legacy.exists():
+            log(f"warning: ignoring {legacy}: fdsbench no longer reads pickled resume state (loading a pickle "
+                f"can run code); delete the file")
+        if (self.folder / "state.json").exists():  # else nothing was saved yet (chunks not listed are ignored)
+            try:
+                return self._read(make_meters, make_timer, loader, mine)
+            except (FdsError, KeyError, TypeError, ValueError, OSError) as e:
+                moved = set_aside(self.folder)
+                log(f"warning: resume state {self.folder} is damaged ({e}); set aside as {moved}; "
+                    f"the run restarts from its first episode")
+                self.chunks, self.hist, self.saved = [], None, set()
+        return make_meters(), make_timer(), set()
+
+    def save(self, meters, timer, done: set[int]) -> None:
+        from .metrics.meterset import state_to_arrays
+
+        new = [k for k in meters.keys() if k not in self.saved]
+        binned = meters.config["score_mode"] == "binned"
+        if new:
+            name = f"chunk-{len(self.chunks):05d}.npz"
+            write_npz(self.folder / name, state_to_arrays(meters.state_dict(keys=new, pixels=False)))
+            self.chunks.append({"file": name, "sha256": sha256_file(self.folder / name), "rows": len(new)})
+            self.saved.update(new)
+        old_hist = self.hist
+        if binned and (new or self.hist is None):
+            name = f"hist-{len(self.chunks):05d}.npz"
+            write_npz(self.folder / name, state_to_arrays(meters.state_dict(keys=[])))
+            self.hist = {"file": name, "sha256": sha256_file(self.folder / name)}
+        atomic_write_json(self.folder / "state.json", {
+            "version": RESUME_VERSION, "run_id": self.rid, "manifest_hash": self.manifest.hash,
+            "done": sorted(done), "timing": timer.state_dict(), "chunks": self.chunks, "hist": self.hist})
+        if old_hist and old_hist != self.hist:
+            (self.folder / old_hist["file"]).unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _method_failure(method: str, call: str, ep: Episode, qid: str | None, e: Exception) -> FdsError:
+    """One line for an exception raised inside a method: which call, episode and query, where."""
+    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    at = f" at {where.filename}:{where.lineno}" if where else ""
+    return FdsError(f"method '{method}' raised {type(e).__name__} in {call}() on episode {ep.index} ({ep.class_key})"
+                    + (f", query {qid}" if qid else "") + f"{at}: {e}; finished episodes are saved — fix the "
+                    f"method and run the same command again to resume")
 
 
 def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Manifest, rid: str,
              log: Callable[[str], None]):
     """Run this process's share of the manifest's episodes (all of them unless distributed: rank r
-    of w takes episodes with index % w == r); resumable through a partial-state file. Returns the
+    of w takes episodes with index % w == r); resumable through :class:`ResumeState`. Returns the
     meters, the timing meter and the number of episodes evaluated over all ranks."""
     rank, size = world()
-    runs_dir = Path(spec.workdir) / "runs"
-    partial = runs_dir / (f"{rid}.partial.pkl" if size == 1 else f"{rid}.rank{rank}of{size}.partial.pkl")
-    meters, timer = _make_meters(spec), _make_timer(spec)
-    done: set[int] = set()
-    if partial.is_file() and not spec.force:
-        try:
-            state = pickle.loads(partial.read_bytes())
-            meters.load_state_dict(state["meters"])
-            timer.load_state_dict(state["timing"])
-            done = set(state["done"])
-            log(f"resuming {rid}: {len(done)} episodes already done")
-        except Exception as e:  # a damaged partial file: start over rather than trust it
-            log(f"ignoring unreadable partial state {partial} ({e})")
-            meters, timer, done = _make_meters(spec), _make_timer(spec), set()
+    meters, timer = _make_meters(spec, manifest.protocol), _make_timer(spec)
     episodes = manifest.episodes[: spec.max_episodes] if spec.max_episodes else manifest.episodes
-    loader = EpisodeLoader(ds, type(method), manifest)
-    last_save = time.monotonic()
-
-    def save():
-        atomic_write_bytes(partial, pickle.dumps({"done": sorted(done), "meters": meters.state_dict(),
-                                                  "timing": timer.state_dict()}))
-
+    loader = EpisodeLoader(ds, type(method), manifest, cache_mb=spec.cache_mb)
     n_total = len(episodes)
     episodes = [e for e in episodes if e.index % size == rank]
+    resume = ResumeState(partial_dir(spec.workdir, rid, rank, size), rid, manifest)
+    done: set[int] = set()
+    if spec.force:
+        resume.remove()
+    else:
+        meters, timer, done = resume.load(lambda: _make_meters(spec, manifest.protocol), lambda: _make_timer(spec), loader,
+                                          {e.index: e for e in episodes}, log)
+        if done:
+            log(f"resuming {rid}: {len(done)} episodes already done")
     todo = [e for e in episodes if e.index not in done]
     bar = _progress(total=sum(len(e.queries) for e in episodes), desc=f"{method.name} {ds.name} f{spec.fold}",
                     enabled=spec.progress and rank == 0,
                     initial=sum(len(e.queries) for e in episodes if e.index in done))
-    for ep in todo:
-        support = loader.support(ep)
+    # validation and metric updates run in order on a background thread, overlapping the next predict
+    scorer = OrderedWorker(enabled=spec.workers > 0)
+
+    def score(pred, query: Query, gt, ep: Episode) -> None:
+        pred = validate_prediction(pred, query, method.name)
+        if gt is None:  # predict-only query: keep the map, score nothing
+            save_prediction(Path(spec.workdir) / "predictions" / rid, query.id, pred)
+        else:
+            meters.update(pred, gt, class_key=ep.class_key, episode=ep.index, query_id=query.id)
+
+    def checkpoint() -> None:
+        scorer.join()
+        resume.save(meters, timer, done)
+
+    try:
+        with responsive_gil(spec.workers > 0):
+            _episodes(spec, method, loader, todo, timer, scorer, score, done, checkpoint, bar)
+    finally:
+        scorer.close()
+    bar.close()
+    if todo:
+        checkpoint()
+    if size > 1:
+        meters, timer = _gather(spec, manifest, meters, timer)
+    return meters, timer, n_total
+
+
+def _episodes(spec: BenchSpec, method: Method, loader: EpisodeLoader, todo: list[Episode], timer, scorer,
+              score, done: set[int], checkpoint, bar) -> None:
+    """The timed loop: episodes decoded ahead by the loader, prepare and predict timed, each output
+    handed to ``score`` on the scorer thread, progress saved every ``checkpoint_every_s``. Scoring
+    jobs are handed over just before the method's next call, so the scorer works while the method
+    does (a GPU method waits for its kernels without the GIL), not while the harness prepares it."""
+    last_save = time.monotonic()
+    amp = autocast(spec.device, getattr(method, "autocast", None))
+    shape_warmup = ShapeWarmup(spec.warmup_per_shape)
+    pending: list[tuple] = []
+
+    def flush() -> None:
+        for job in pending:
+            scorer.submit(*job)
+        pending.clear()
+
+    def save() -> None:
+        flush()
+        checkpoint()
+
+    for ep, support, queries in loader.iterate(todo, spec.workers):
         seed_everything(support.seed)
-        with timer.prepare():
-            state = method.prepare(support)
-        for qid in ep.queries:
-            query = loader.query(qid)
-            with timer.predict():
-                pred = method.predict(state, query)
-            pred = validate_prediction(pred, query, method.name)
-            gt = loader.gt(qid, ep)
-            if gt is None:  # predict-only query: keep the map, score nothing
-                save_prediction(Path(spec.workdir) / "predictions" / rid, qid, pred)
-            else:
-                meters.update(pred, gt, class_key=ep.class_key, episode=ep.index, query_id=qid)
+        flush()
+        try:
+            with timer.prepare(), amp:
+                state = method.prepare(support)
+        except FdsError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a plugin's bug: name where it happened
+            save()
+            raise _method_failure(method.name, "prepare", ep, None, e) from e
+        for query, gt in queries:
+            qid = query.id
+            flush()
+            try:
+                with amp:
+                    shape_warmup(query.size, lambda: method.predict(state, query))
+                with timer.predict(), amp:
+                    pred = method.predict(state, query)
+            except FdsError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                save()
+                raise _method_failure(method.name, "predict", ep, qid, e) from e
+            pending.append((score, host_array(pred), query, gt, ep))
             bar.update(1)
-        done.add(ep.index)
+        pending.append((done.add, ep.index))
         if time.monotonic() - last_save > spec.checkpoint_every_s:
             save()
             last_save = time.monotonic()
-    bar.close()
-    if todo:
-        save()
-    if size > 1:
-        meters, timer = _gather(spec, meters, timer, partial)
-    return meters, timer, n_total
+    flush()
 
 
 def save_prediction(folder: Path, query_id: str, pred: np.ndarray) -> Path:
@@ -366,7 +543,7 @@ def save_prediction(folder: Path, query_id: str, pred: np.ndarray) -> Path:
     return path
 
 
-def _gather(spec: BenchSpec, meters, timer, partial: Path):
+def _gather(spec: BenchSpec, manifest: Manifest, meters, timer):
     """Merge every rank's meter state on rank 0 (the states merge exactly: same numbers as one process)."""
     import torch.distributed as dist
 
@@ -377,7 +554,7 @@ def _gather(spec: BenchSpec, meters, timer, partial: Path):
         for r, st in enumerate(states):
             if r == 0:
                 continue
-            m, t = _make_meters(spec), _make_timer(spec)
+            m, t = _make_meters(spec, manifest.protocol), _make_timer(spec)
             m.load_state_dict(st["meters"])
             t.load_state_dict(st["timing"])
             meters.merge(m)
@@ -385,14 +562,61 @@ def _gather(spec: BenchSpec, meters, timer, partial: Path):
     return meters, timer
 
 
+def validate_spec(spec: BenchSpec) -> None:
+    """Refuse values that would give an empty, truncated or silently different run, in one line each
+    — and a workdir that cannot be written — before any work starts (indexing can take minutes)."""
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name, lo in (("runs", 1), ("shot", 1), ("fold", 0), ("warmup", 0)):
+        if not whole(getattr(spec, name)) or getattr(spec, name) < lo:
+            raise FdsError(f"{name} must be >= {lo} (an integer), got {getattr(spec, name)!r}")
+    if spec.max_episodes is not None and (not whole(spec.max_episodes) or spec.max_episodes < 1):
+        raise FdsError(f"max_episodes must be >= 1 (an integer; leave it unset for all episodes), got "
+                       f"{spec.max_episodes!r}")
+    if not 0 <= spec.threshold <= 1:
+        raise FdsError(f"threshold must be in [0, 1] (probabilities), got {spec.threshold}")
+    if not spec.checkpoint_every_s >= 0:
+        raise FdsError(f"checkpoint interval must be >= 0 seconds (0: after every episode), got "
+                       f"{spec.checkpoint_every_s}")
+    check_writable_dir(spec.workdir)
+
+
+def _read_record(path: Path, rid: str, log: Callable[[str], None]) -> dict | None:
+    """The finished record of run ``rid``, or None (recompute) when it is damaged — then it is set
+    aside as ``*.damaged`` with a warning naming it."""
+    try:
+        record = read_json(path, "run record")
+        if record.get("run_id") != rid or not isinstance(record.get("metrics"), dict):
+            raise DataError(f"run record {path} is not the record of run {rid}")
+        return record
+    except DataError as e:
+        log(f"warning: {e}; set aside as {set_aside(path)}; recomputing the run")
+        return None
+
+
+def replacement_warnings(manifest: Manifest) -> list[str]:
+    """Classes whose supports are drawn with replacement (fewer images than the shot: SOFS protocol
+    §3.2), so one image appears several times in a support set."""
+    short: dict[str, int] = {}
+    for ep in manifest.episodes:
+        ids = [s.id for s in ep.supports]
+        if len(set(ids)) < len(ids):
+            short[ep.class_key] = short.get(ep.class_key, 0) + 1
+    return [f"warning: {cls}: {n} episode(s) repeat a support image — the class has fewer images than "
+            f"shot={manifest.shot}, so supports are drawn with replacement (protocol §3.2)"
+            for cls, n in sorted(short.items())]
+
+
 def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]:
     """Run ``spec.runs`` seeds of one benchmark and return their run records."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    validate_spec(spec)
     for plugin in spec.plugins:
         load_plugin(plugin)
     spec.device = check_device(spec.device)
     method_cls = get_method(spec.method)
-    ds = get_dataset(spec.dataset)(spec.data_root)
+    ds = open_dataset(spec.dataset, spec.data_root, options=spec.dataset_options)
     ds.check_fold(spec.fold)
     config = build_config(method_cls.Config, method_cls.presets, spec.preset or method_cls.default_preset,
                           spec.overrides)
@@ -402,43 +626,55 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
     proto_name = spec.protocol or getattr(method_cls, "default_protocol", "fss")
     if proto_name == "fad" and not method_cls.requires.fad:
         raise FdsError(f"method '{method.name}' does not support few-shot anomaly detection (protocol fad)")
-    proto = resolve_protocol(proto_name, spec.shot, spec.protocol_options, ds.protocol_defaults_for(spec.fold))
-    ckpt, trained_on = fit_or_load(spec, method, ds, log)
+    proto = protocol_for(ds, proto_name, spec.shot, spec.fold, spec.protocol_options)
+    ckpt, trained_on = fit_or_load(spec, method, ds, proto, log)
+    speed = {**accelerate(method, spec.device, spec.compile, spec.channels_last, spec.cudnn_benchmark),
+             "warmup_per_shape": spec.warmup_per_shape, "autocast": getattr(method, "autocast", None)}
+    identity = run_identity(spec, method, trained_on, proto)
     records = []
     for i in range(spec.runs):
         seed = spec.seed + i
         manifest = get_manifest(Path(spec.workdir), ds, spec.fold, spec.shot, seed, proto)
-        rid = run_id(spec, method, manifest)
+        rid = run_id(spec, method, manifest, identity)
         path = Path(spec.workdir) / "runs" / f"{rid}.json"
         if path.is_file() and not spec.force:
-            log(f"run {rid} is complete; reusing its record (FORCE=1 recomputes)")
-            records.append(json.loads(path.read_text()))
-            continue
+            record = _read_record(path, rid, log)
+            if record is not None:
+                log(f"run {rid} is complete; reusing its record (FORCE=1 recomputes)")
+                records.append(record)
+                continue
+        for line in replacement_warnings(manifest):
+            log(line)
+        check_episode_masks(ds, manifest.episodes[: spec.max_episodes] if spec.max_episodes else manifest.episodes,
+                            proto)
         seed_everything(derive_seed(manifest.hash, "run"))
         started = time.time()
         meters, timer, n_eval = evaluate(spec, method, ds, manifest, rid, log)
         rank, size = world()
         if rank != 0:
             barrier()  # rank 0 writes the record
-            records.append(json.loads(path.read_text()))
-            path.with_name(f"{rid}.rank{rank}of{size}.partial.pkl").unlink(missing_ok=True)
+            records.append(read_json(path, "run record"))
+            shutil.rmtree(partial_dir(spec.workdir, rid, rank, size), ignore_errors=True)
             continue
-        metrics, timing = meters.compute(), timer.compute()
+        metrics, timing = report_metrics(meters.compute(), proto, manifest), timer.compute()
         record = {
             "run_id": rid, "created": started, "wall_s": time.time() - started,
-            **method.describe(), "preset": spec.preset or method_cls.default_preset,
+            **method.describe(), "method_label": method.label(), "preset": spec.preset or method_cls.default_preset,
+            "identity": identity, "complete": n_eval == len(manifest.episodes), "max_episodes": spec.max_episodes,
+            "threshold": spec.threshold, "score_mode": spec.score_mode, "aggregation": metrics["aggregation"],
             "requires": dataclasses.asdict(method.requires),
             "dataset": ds.name, "data_root": str(ds.root), "dataset_hash": ds.dataset_hash,
+            "dataset_options": dict(getattr(ds, "options", None) or {}),
             "fold": spec.fold, "shot": spec.shot, "seed": seed, "train_seed": spec.train_seed if ckpt else None,
             "trained_on": trained_on,
             "protocol": proto, "manifest": str(manifest.path), "manifest_hash": manifest.hash,
             "episodes": n_eval, "episodes_total": len(manifest.episodes), "checkpoint": ckpt,
-            "device": spec.device, "precision": spec.precision, "world_size": size,
+            "device": spec.device, "precision": spec.precision, "world_size": size, "speed_options": speed,
+            "loader": {"workers": spec.workers, "cache_mb": spec.cache_mb},
             "environment": environment(spec.device), "metrics": metrics, "timing": {k: v for k, v in timing.items() if k != "environment"},
         }
         atomic_write_json(path, record)
-        path.with_name(f"{rid}.partial.pkl" if size == 1 else f"{rid}.rank0of{size}.partial.pkl").unlink(
-            missing_ok=True)
+        shutil.rmtree(partial_dir(spec.workdir, rid, rank, size), ignore_errors=True)
         barrier()
-        records.append(json.loads(path.read_text()))  # exactly what a later reader sees
+        records.append(read_json(path, "run record"))  # exactly what a later reader sees
     return records

@@ -4,8 +4,10 @@
 * ``prepare`` (support processing) and ``predict`` (one query) are timed separately;
   **FPS = queries per second of predict** = n_predict / (sum of predict latencies) — support
   processing is excluded from FPS, as in FM-FastSAM §6.3, but reported;
-* the first ``warmup`` calls of each kind are run but not counted (CUDA context, cuDNN autotune,
-  allocator growth, lazy initialisation);
+* the first ``warmup`` calls of each kind are timed apart, not in the statistics (CUDA context,
+  cuDNN autotune, allocator growth, lazy initialisation); a kind that never gets past its warm-up
+  (per-support fitting: one ``prepare`` per object) reports its warm-up calls instead, flagged
+  ``includes_warmup`` — a warm-up never hides the only call of its kind;
 * the device is synchronised before the clock starts and before it stops
   (``torch.cuda.synchronize`` on CUDA, ``torch.mps.synchronize`` on MPS) — the official FSS
   repositories time asynchronous kernel launches and overstate speed;
@@ -18,7 +20,7 @@
 State is mergeable: latencies concatenate, totals use ``math.fsum`` over sorted values and
 percentiles are computed on sorted values, so merged shards give the same numbers whatever the
 order. Peak memory merges by max. Each shard, and each process resuming from a saved state,
-discards its own first ``warmup`` calls.
+sets its own first ``warmup`` calls apart.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import numpy as np
 from .errors import FdsError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def _device_type(device) -> str:
@@ -153,7 +155,7 @@ class TimingMeter:
         self._times: dict[str, list[float]] = {"prepare": [], "predict": []}
         self._seen = {"prepare": 0, "predict": 0}     # calls in total (state)
         self._session = {"prepare": 0, "predict": 0}  # calls in this process (not state)
-        self._warm = {"prepare": 0, "predict": 0}
+        self._warm = {"prepare": [], "predict": []}  # warm-up latencies, kept apart
         self._peak = 0
 
     def _peak_now(self) -> int:
@@ -173,7 +175,7 @@ class TimingMeter:
         self._seen[what] += 1
         self._session[what] += 1
         if self._session[what] <= self.warmup:
-            self._warm[what] += 1
+            self._warm[what].append(float(dt))
         else:
             self._times[what].append(float(dt))
         if self.kind == "mps":  # the others read a high-water mark (state_dict/compute): no per-call cost
@@ -192,7 +194,7 @@ class TimingMeter:
         return {"version": STATE_VERSION, "device": self.device, "device_type": self.kind,
                 "precision": self.precision, "warmup": self.warmup,
                 "prepare": sorted(self._times["prepare"]), "predict": sorted(self._times["predict"]),
-                "warmup_prepare": self._warm["prepare"], "warmup_predict": self._warm["predict"],
+                "warmup_prepare": sorted(self._warm["prepare"]), "warmup_predict": sorted(self._warm["predict"]),
                 "seen_prepare": self._seen["prepare"], "seen_predict": self._seen["predict"],
                 "peak_memory_bytes": max(self._peak, self._peak_now() if self._seen["predict"] else 0)}
 
@@ -201,7 +203,8 @@ class TimingMeter:
             raise FdsError(f"timing state version {s.get('version')} is not {STATE_VERSION}")
         self._check(s, "load timing state")
         self._times = {"prepare": list(map(float, s["prepare"])), "predict": list(map(float, s["predict"]))}
-        self._warm = {"prepare": int(s["warmup_prepare"]), "predict": int(s["warmup_predict"])}
+        self._warm = {"prepare": list(map(float, s["warmup_prepare"])),
+                      "predict": list(map(float, s["warmup_predict"]))}
         self._seen = {"prepare": int(s["seen_prepare"]), "predict": int(s["seen_predict"])}
         self._peak = int(s["peak_memory_bytes"])
         # a resumed run is a new process: its first calls are cold again and are warm-up
@@ -218,20 +221,28 @@ class TimingMeter:
         self._check(s, "merge timings")
         for k in ("prepare", "predict"):
             self._times[k] += s[k]
-            self._warm[k] += s["warmup_" + k]
+            self._warm[k] += list(s["warmup_" + k])
             self._seen[k] += s["seen_" + k]
         self._peak = max(self._peak, s["peak_memory_bytes"])
         return self
 
+    def _stats(self, what: str) -> dict:
+        """Latency statistics of the counted calls of ``what``, or of its warm-up calls where none
+        was counted (flagged ``includes_warmup``); ``warmup_total_s`` is the warm-up time apart."""
+        counted = bool(self._times[what])
+        st = latency_stats(self._times[what] if counted else self._warm[what])
+        st["includes_warmup"] = not counted and bool(self._warm[what])
+        st["warmup_total_s"] = math.fsum(sorted(self._warm[what]))
+        return st
+
     def compute(self, environment: bool = True) -> dict:
         """FPS, latency statistics of prepare and predict, peak memory, precision, environment."""
-        pred = latency_stats(self._times["predict"])
-        prep = latency_stats(self._times["prepare"])
+        pred, prep = self._stats("predict"), self._stats("prepare")
         out = {
             "fps": (pred["n"] / pred["total_s"]) if pred["n"] and pred["total_s"] > 0 else None,
             "fps_p50": (1.0 / pred["p50_s"]) if pred["n"] and pred["p50_s"] > 0 else None,
             "predict": pred, "prepare": prep,
-            "warmup": self.warmup, "warmup_discarded": dict(self._warm),
+            "warmup": self.warmup, "warmup_calls": {k: len(v) for k, v in self._warm.items()},
             "batch_size": 1, "precision": self.precision, "device": self.device,
             "device_sync": {"cuda": "torch.cuda.synchronize", "mps": "torch.mps.synchronize"}.get(
                 self.kind, "none needed (CPU ops are synchronous)"),

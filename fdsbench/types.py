@@ -116,6 +116,9 @@ class SupportSet:
     seed: int
     normal_pool: NormalPool | None = None
     episode: int = -1
+    #: the protocol's support crop side (0 = supports are whole images), for methods whose test
+    #: windows must match the support crops (SOFS's one crop_size)
+    crop_size: int = 0
 
     @property
     def object(self) -> str:
@@ -169,6 +172,10 @@ class TrainSource:
     load_image: Callable[[str], np.ndarray]
     load_mask: Callable[[str, str], np.ndarray]
     normal_ids: dict[str, list[str]] = field(default_factory=dict)  # object -> normal image ids
+    #: the test protocol the model is trained for: its shot (the official FSS recipes train one model
+    #: per shot) and support crop side (0 = no crops); the harness sets both from the benchmark run
+    shot: int = 1
+    crop_size: int = 0
 
     @property
     def classes(self) -> list[str]:

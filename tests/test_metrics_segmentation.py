@@ -104,12 +104,14 @@ def test_empty_masks_conventions():
     assert r["image_acc_area"] == pytest.approx(2 / 3)                 # normal_fp is misjudged
     assert r["image_auroc_area"] == 1.0  # areas 0, 1 (normal) vs 4 (defective)
     assert r["miou"] == pytest.approx(4 / 5)
-    # a class whose union is empty everywhere has no IoU and is left out of the mean
+    # a class whose union is empty everywhere has no IoU and is left out of the mean, named, and
+    # still counted in n_classes (so n_classes equals the classes of the manifest)
     m2 = MeterSet(score_mode="off")
     m2.update(np.zeros((6, 6)), z, "o/empty", 0, "q")
     m2.update(g.astype(float), g, "o/c", 1, "q")
     r2 = m2.compute()
-    assert r2["per_class"]["o/empty"]["iou"] is None and r2["miou"] == 1.0 and r2["n_classes"] == 1
+    assert r2["per_class"]["o/empty"]["iou"] is None and r2["miou"] == 1.0 and r2["n_classes"] == 2
+    assert r2["empty_union_classes"] == ["o/empty"] and r2["empty_union"] == "excluded from the mean"
     assert r2["episode_miou"] == 1.0
 
 

@@ -55,14 +55,14 @@ def test_interrupted_run_resumes_with_identical_numbers(synthetic, tmp_path):
     CALLS.update(prepare=0, predict=0, fail_at=6)
     with pytest.raises(KeyboardInterrupt):
         run(spec(tmp_path / "resume"))
-    partial = list((tmp_path / "resume" / "runs").glob("*.partial.pkl"))
+    partial = list((tmp_path / "resume" / "runs").glob("*.partial/state.json"))
     assert len(partial) == 1
     CALLS.update(prepare=0, predict=0, fail_at=None)
     resumed = run(spec(tmp_path / "resume"))[0]
     assert CALLS["prepare"] == 12 - 5  # the 5 finished episodes are not recomputed
     assert resumed["metrics"] == reference["metrics"]
     assert resumed["manifest_hash"] == reference["manifest_hash"]
-    assert not list((tmp_path / "resume" / "runs").glob("*.partial.pkl"))
+    assert not list((tmp_path / "resume" / "runs").glob("*.partial*"))
 
 
 def test_finished_run_is_reused_and_force_recomputes_identically(synthetic, tmp_path):
@@ -155,12 +155,12 @@ def test_killed_cli_run_resumes(synthetic, tmp_path):
             "--checkpoint-every", "0"]
     p = _cli(args, tmp_path / "a")
     deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None and not list((tmp_path / "a" / "runs").glob("*.partial.pkl")):
+    while time.time() < deadline and p.poll() is None and not list((tmp_path / "a" / "runs").glob("*.partial/state.json")):
         time.sleep(0.05)
     assert p.poll() is None, "the run ended before it could be killed: " + p.communicate()[1]
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert list((tmp_path / "a" / "runs").glob("*.partial.pkl")), "no progress was saved before the kill"
+    assert list((tmp_path / "a" / "runs").glob("*.partial/state.json")), "no progress was saved before the kill"
     out, err = _cli(args, tmp_path / "a").communicate(timeout=300)
     assert "resuming" in err, err
     clean_out, clean_err = _cli(args, tmp_path / "b").communicate(timeout=300)

@@ -32,7 +32,8 @@ def test_warmup_fps_and_percentiles():
     feed(tm, clock, [5.0, 1.0, 1.0], [9.0, 9.0, 0.1, 0.2, 0.3, 0.4])
     r = tm.compute()
     assert r["predict"]["n"] == 4 and r["prepare"]["n"] == 1
-    assert r["warmup_discarded"] == {"prepare": 2, "predict": 2}
+    assert r["warmup_calls"] == {"prepare": 2, "predict": 2}
+    assert r["prepare"]["warmup_total_s"] == pytest.approx(6.0) and not r["prepare"]["includes_warmup"]
     assert r["fps"] == pytest.approx(4 / 1.0)
     assert r["predict"]["p50_s"] == pytest.approx(np.percentile([0.1, 0.2, 0.3, 0.4], 50))
     assert r["predict"]["p95_s"] == pytest.approx(np.percentile([0.1, 0.2, 0.3, 0.4], 95))
@@ -73,7 +74,7 @@ def test_merge_is_order_independent():
         b.merge(b2)
     ra, rb = a.compute(environment=False), b.compute(environment=False)
     assert ra["predict"] == rb["predict"] and ra["fps"] == rb["fps"]
-    assert ra["predict"]["n"] == 30 and ra["warmup_discarded"]["predict"] == 3
+    assert ra["predict"]["n"] == 30 and ra["warmup_calls"]["predict"] == 3
     assert ra["fps"] == pytest.approx(30 / sum(lat))
     with pytest.raises(FdsError, match="precision"):
         a.merge(TimingMeter("cpu", precision="bf16"))
@@ -120,5 +121,18 @@ def test_resumed_process_warms_up_again():
     resumed.load_state_dict(tm.state_dict())
     feed(resumed, clock, [], [7.0, 0.1])  # 7 s: cold start of the new process
     r = resumed.compute(environment=False)
-    assert r["predict"]["n"] == 3 and r["warmup_discarded"]["predict"] == 2
+    assert r["predict"]["n"] == 3 and r["warmup_calls"]["predict"] == 2
     assert r["predict"]["max_s"] == pytest.approx(0.1)
+
+
+def test_warmup_never_hides_the_only_call_of_a_kind():
+    """Per-support fitting: one prepare per object. With warm-up 1 it is the warm-up call, and it
+    must still be reported (flagged), not dropped."""
+    clock = FakeClock()
+    tm = TimingMeter("cpu", warmup=1, clock=clock)
+    feed(tm, clock, [30.0], [2.0, 0.5, 0.5])
+    r = tm.compute(environment=False)
+    assert r["prepare"]["n"] == 1 and r["prepare"]["total_s"] == pytest.approx(30.0)
+    assert r["prepare"]["includes_warmup"] is True
+    assert r["predict"]["n"] == 2 and not r["predict"]["includes_warmup"]
+    assert r["predict"]["warmup_total_s"] == pytest.approx(2.0)

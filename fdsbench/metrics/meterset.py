@@ -9,9 +9,11 @@ from ``state_dict`` — a key seen twice is an error (no silently double-counted
 padded distributed samplers).
 
 Probabilities are taken as given: values outside [0, 1] (or NaN) raise :class:`FdsError` unless
-the meter was built with ``logits=True``, in which case ``sigmoid`` is applied explicitly and
-``compute()["score_transform"] == "sigmoid"``. Binarisation is ``p > threshold`` (default 0.5).
-Pixel scores are stored as float32 (exact mode is exact on these float32 values).
+the meter was built with ``logits=True``: the maps are then logits, binarised at
+``logit(threshold)`` and ranked as they are (a sigmoid is monotone, and one stored in float32 would
+tie every logit above ~17), with ``compute()["score_transform"] == "sigmoid"`` and the F1 threshold
+reported as a probability. Binarisation is ``p > threshold`` (default 0.5). Exact mode stores
+float32 maps as float32 and wider maps as float64, so it is exact for either.
 
 Image score (``image_score``): ``"max"`` (default), ``"mean"``, ``"area"`` (pixels with
 p > threshold, the NBR+CaP rule) or ``"topK%"`` (mean of the top K percent of the map, at least
@@ -48,6 +50,12 @@ def _to_numpy(x, what: str, qid: str) -> np.ndarray:
     except Exception as e:  # pragma: no cover - exotic inputs
         raise FdsError(f"query '{qid}': {what} is not an array ({type(x).__name__}); pass a numpy "
                        f"array or torch tensor") from e
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function in float64 (exp overflow gives 0, as it should)."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
 
 
 def _image_score_fn(spec: str):
@@ -151,22 +159,25 @@ class MeterSet:
                                f"{g.dtype}; binarise the mask before scoring")
             g = g.astype(bool)
         p = p.astype(np.float64, copy=False) if p.dtype != np.float32 else p
+        th = self.config["threshold"]
         if self.config["logits"]:
+            # rank on the logits themselves: a sigmoid stored in float32 saturates to 1.0 above ~17
+            # and would tie every high score; thresholds map through logit(t)
             if not np.isfinite(p).all():
                 raise FdsError(f"query '{qid}': logits contain NaN or inf")
-            with np.errstate(over="ignore"):  # exp overflow -> sigmoid 0, as it should
-                p = 1.0 / (1.0 + np.exp(-p.astype(np.float64)))
+            pred = p > (np.inf if th >= 1 else -np.inf if th <= 0 else np.log(th / (1.0 - th)))
+            if self.config["image_score"] == "max":
+                img_score = float(np.max(p))  # monotone in the probability: ranks as max sigmoid
+            else:
+                img_score = self._score_fn(_sigmoid(p), pred)
         else:
             lo, hi = float(np.min(p)), float(np.max(p))
             if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
                 raise FdsError(f"query '{qid}': prediction values in [{lo}, {hi}] are outside [0, 1]; "
                                f"return probabilities, or declare logits=True to apply a sigmoid")
-        pred = p > self.config["threshold"]
+            pred = p > th
+            img_score = hi if self.config["image_score"] == "max" else self._score_fn(p, pred)
         tp, fp, fn, tn = confusion(pred, g)
-        if self.config["image_score"] == "max" and not self.config["logits"]:
-            img_score = hi
-        else:
-            img_score = self._score_fn(p, pred)
         row = {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "image_score": float(img_score),
                "n_regions": 0}
         mode = self.config["score_mode"]
@@ -186,14 +197,17 @@ class MeterSet:
                 R, reg, sizes = 0, np.zeros(0, np.int64), np.zeros(0, np.int64)
             row["n_regions"] = int(R)
             if mode == "exact":
-                scores = p.astype(np.float32).ravel()  # always a copy we own
+                # float32 maps are stored as float32, anything wider as float64: no two scores that
+                # differ in the input are tied in storage, so exact mode is exact (error bound 0)
+                scores = p.astype(np.float32 if p.dtype == np.float32 else np.float64).ravel()  # a copy we own
                 pos_idx = np.flatnonzero(lab).astype(np.int32)  # images < 2**31 pixels
                 self._chunks[key] = (scores, pos_idx, sizes[reg].astype(np.int32))
             else:
-                self._binned.update(p.ravel(), lab, reg, sizes)
+                q = _sigmoid(p).ravel() if self.config["logits"] else p.ravel()  # bins live in [0, 1]
+                self._binned.update(q, lab, reg, sizes)
                 if self.config["per_class_scores"]:
                     self._binned_pc.setdefault(key[2], BinnedScores(self.config["bins"])).update(
-                        p.ravel(), lab, reg, sizes)
+                        q, lab, reg, sizes)
         self._rows[key] = row
 
     # ---- state ---------------------------------------------------------------------------------
@@ -208,9 +222,17 @@ class MeterSet:
             rows[c] = np.array([self._rows[k][c] for k in keys], np.int64)
         return rows
 
-    def state_dict(self) -> dict:
-        """Plain, picklable dict (numpy arrays, Python scalars, lists), rows in sorted key order."""
-        keys = self._sorted_keys()
+    def keys(self) -> list[tuple]:
+        """The (episode, query_id, class_key) of every scored query, sorted."""
+        return self._sorted_keys()
+
+    def state_dict(self, keys=None, pixels: bool = True) -> dict:
+        """Plain dict (numpy arrays, Python scalars, lists), rows in sorted key order.
+
+        ``keys``: only these rows (and, in exact mode, their pixel chunks) — an increment for an
+        append-only checkpoint; ``pixels=False`` leaves out the binned histograms (constant in
+        size, saved whole apart). :func:`state_to_arrays` flattens it for a pickle-free ``.npz``."""
+        keys = self._sorted_keys() if keys is None else sorted(keys)
         rows = self._columns(keys)
         state = {"version": STATE_VERSION, "config": dict(self.config), "rows": rows, "pixels": None}
         if self.config["score_mode"] == "exact":
@@ -222,7 +244,7 @@ class MeterSet:
                 "pos_region_size": np.concatenate([c[2] for c in ch]) if ch else np.zeros(0, np.int32),
                 "pos_offsets": np.cumsum([0] + [c[1].size for c in ch]).astype(np.int64),
             }
-        elif self.config["score_mode"] == "binned":
+        elif self.config["score_mode"] == "binned" and pixels:
             state["pixels"] = self._binned.state_dict()
             if self.config["per_class_scores"]:
                 state["pixels_per_class"] = {c: self._binned_pc[c].state_dict()
@@ -238,33 +260,39 @@ class MeterSet:
                            f"MeterSets with the same options")
 
     def load_state_dict(self, state: dict) -> None:
-        """Replace this meter's state by ``state`` (configs must match)."""
-        if state.get("version") != STATE_VERSION:
-            raise FdsError(f"meter state version {state.get('version')} is not {STATE_VERSION}; "
-                           f"recompute the run with this fdsbench version")
-        self._check_config(state["config"], "load meter state")
-        r = state["rows"]
-        keys = list(zip((int(e) for e in r["episode"]), r["query_id"], r["class_key"]))
-        self._rows = {}
+        """Replace this meter's state by ``state`` (configs must match). The state is checked for
+        consistency first (a damaged or edited checkpoint raises :class:`FdsError`, never loads)."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise FdsError(f"meter state version {state.get('version') if isinstance(state, dict) else None} "
+                           f"is not {STATE_VERSION}; recompute the run with this fdsbench version")
+        self._check_config(state.get("config") or {}, "load meter state")
+        r, px = state.get("rows"), state.get("pixels")
+        keys = _check_rows(r)
+        rows = {}
         for i, k in enumerate(keys):
             row = {c: int(r[c][i]) for c in _ROW_INT}
             row["image_score"] = float(r["image_score"][i])
-            self._rows[k] = row
-        self._chunks = {}
-        px = state["pixels"]
+            rows[k] = row
+        chunks = {}
+        binned, binned_pc = None, {}
         if self.config["score_mode"] == "exact":
+            _check_exact_pixels(px, r, self.config["logits"])
             off, poff = px["offsets"], px["pos_offsets"]
             for i, k in enumerate(keys):
-                self._chunks[k] = (px["scores"][off[i]:off[i + 1]].copy(),
-                                   px["pos_idx"][poff[i]:poff[i + 1]].copy(),
-                                   px["pos_region_size"][poff[i]:poff[i + 1]].copy())
+                chunks[k] = (np.array(px["scores"][off[i]:off[i + 1]]),  # float32, or float64 input kept
+                             np.asarray(px["pos_idx"][poff[i]:poff[i + 1]], np.int32).copy(),
+                             np.asarray(px["pos_region_size"][poff[i]:poff[i + 1]], np.int32).copy())
         elif self.config["score_mode"] == "binned":
-            self._binned = BinnedScores(self.config["bins"])
-            self._binned.load_state_dict(px)
-            self._binned_pc = {}
-            for c, st in state.get("pixels_per_class", {}).items():
-                self._binned_pc[c] = BinnedScores(self.config["bins"])
-                self._binned_pc[c].load_state_dict(st)
+            bins = self.config["bins"]
+            binned = BinnedScores(bins)
+            if px is not None:
+                binned.load_state_dict(_check_binned(px, bins, "pixels"))
+            for c, st in (state.get("pixels_per_class") or {}).items():
+                binned_pc[c] = BinnedScores(bins)
+                binned_pc[c].load_state_dict(_check_binned(st, bins, f"pixels of class {c}"))
+        self._rows, self._chunks = rows, chunks
+        if binned is not None:
+            self._binned, self._binned_pc = binned, binned_pc
 
     def merge(self, other: "MeterSet") -> "MeterSet":
         """Add ``other``'s queries to this meter (disjoint keys required). Returns ``self``."""
@@ -324,6 +352,8 @@ class MeterSet:
         else:
             out.update(_exact_pixel_metrics([self._chunks[k] for k in keys], int(r["n_regions"].sum()),
                                             cfg["fpr_limit"]))
+            if cfg["logits"] and out["pixel_f1_threshold"] is not None:
+                out["pixel_f1_threshold"] = float(_sigmoid(np.float64(out["pixel_f1_threshold"])))
         if cfg["per_class_scores"] and cfg["score_mode"] != "off":
             nreg = {}
             for c, n in zip(r["class_key"], r["n_regions"].tolist()):
@@ -342,14 +372,136 @@ class MeterSet:
         return out
 
 
+def _bad_state(what: str) -> FdsError:
+    return FdsError(f"meter state is inconsistent: {what}")
+
+
+def _int_array(x, what: str, n: int | None = None, lo: int = 0) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)) or (n is not None and a.size != n):
+        raise _bad_state(f"{what} is not a vector of {n if n is not None else 'some'} integers")
+    if a.size and int(a.min()) < lo:
+        raise _bad_state(f"{what} has values below {lo}")
+    return a.astype(np.int64, copy=False)
+
+
+def _check_rows(r) -> list[tuple]:
+    """The row keys of a state's ``rows`` columns, after checking types, lengths and duplicates."""
+    if not isinstance(r, dict):
+        raise _bad_state("no rows")
+    try:
+        n = len(r["query_id"])
+        qids, cks = [str(v) for v in r["query_id"]], [str(v) for v in r["class_key"]]
+    except (KeyError, TypeError):
+        raise _bad_state("rows lack query_id/class_key") from None
+    if len(cks) != n:
+        raise _bad_state("rows columns differ in length")
+    eps = _int_array(r.get("episode", []), "rows.episode", n)
+    for c in _ROW_INT:
+        _int_array(r.get(c, []), f"rows.{c}", n)
+    sc = np.asarray(r.get("image_score", []))
+    if sc.shape != (n,) or (n and not np.issubdtype(sc.dtype, np.floating)) or not np.isfinite(sc).all():
+        raise _bad_state("rows.image_score is not a vector of finite floats")
+    keys = list(zip(eps.tolist(), qids, cks))
+    if len(set(keys)) != n:
+        raise _bad_state("a (episode, query, class) row appears twice")
+    return keys
+
+
+def _check_exact_pixels(px, r, logits: bool) -> None:
+    """Offsets monotone and in bounds, one chunk per row of the size its confusion counts say,
+    positive indices inside their chunk and as many as tp + fn, finite scores (in [0, 1] unless
+    they are logits)."""
+    if not isinstance(px, dict):
+        raise _bad_state("exact mode without pixel scores")
+    n = len(r["query_id"])
+    try:
+        scores = np.asarray(px["scores"])
+        pos_idx, pos_size = np.asarray(px["pos_idx"]), np.asarray(px["pos_region_size"])
+    except KeyError as e:
+        raise _bad_state(f"pixels lack {e}") from None
+    off = _int_array(px.get("offsets"), "pixels.offsets", n + 1)
+    poff = _int_array(px.get("pos_offsets"), "pixels.pos_offsets", n + 1)
+    if scores.ndim != 1 or (scores.size and scores.dtype not in (np.float32, np.float64)):
+        raise _bad_state("pixels.scores is not a float32/float64 vector")
+    for o, total, what in ((off, scores.size, "offsets"), (poff, pos_idx.size, "pos_offsets")):
+        if o[0] != 0 or o[-1] != total or (np.diff(o) < 0).any():
+            raise _bad_state(f"pixels.{what} do not partition their array")
+    if pos_size.shape != pos_idx.shape:
+        raise _bad_state("pixels.pos_region_size and pos_idx differ in length")
+    _int_array(pos_idx, "pixels.pos_idx")
+    _int_array(pos_size, "pixels.pos_region_size", lo=1)
+    size = np.diff(off)
+    total = sum(np.asarray(r[c], np.int64) for c in ("tp", "fp", "fn", "tn")) if n else np.zeros(0, np.int64)
+    if not np.array_equal(size, total):
+        raise _bad_state("a pixel chunk's size differs from its row's confusion counts")
+    if not np.array_equal(np.diff(poff), np.asarray(r["tp"], np.int64) + np.asarray(r["fn"], np.int64)):
+        raise _bad_state("a chunk's positive pixels differ from its row's tp + fn")
+    if pos_idx.size and (pos_idx >= np.repeat(size, np.diff(poff))).any():
+        raise _bad_state("a positive pixel index lies outside its chunk")
+    if scores.size and not (np.isfinite(scores).all() and (logits or (scores.min() >= 0 and scores.max() <= 1))):
+        raise _bad_state("pixel scores are not finite probabilities")
+
+
+def _check_binned(st, bins: int, what: str) -> dict:
+    if not isinstance(st, dict) or int(st.get("bins", -1)) != bins:
+        raise _bad_state(f"{what}: histograms of another bin count")
+    for k in ("pos", "neg", "pro"):
+        _int_array(st.get(k), f"{what}.{k}", bins)
+    if int(st.get("n_regions", -1)) < 0:
+        raise _bad_state(f"{what}: negative region count")
+    return st
+
+
+def state_to_arrays(state: dict) -> dict[str, np.ndarray]:
+    """A :meth:`MeterSet.state_dict` as flat numpy arrays (strings as unicode arrays, the config as
+    JSON text) for ``numpy.savez`` — no object arrays, so it is read back with ``allow_pickle=False``."""
+    import json
+
+    out = {"version": np.int64(state["version"]), "config": np.str_(json.dumps(state["config"], sort_keys=True))}
+    for k, v in state["rows"].items():
+        out[f"rows.{k}"] = np.asarray(v, dtype=str) if k in ("query_id", "class_key") else np.asarray(v)
+    if state.get("pixels") is not None:
+        for k, v in state["pixels"].items():
+            out[f"pixels.{k}"] = np.asarray(v)
+    for c, st in (state.get("pixels_per_class") or {}).items():
+        for k, v in st.items():
+            out[f"pixels_per_class.{c}.{k}"] = np.asarray(v)
+    return out
+
+
+def state_from_arrays(arrays: dict[str, np.ndarray]) -> dict:
+    """Inverse of :func:`state_to_arrays` (the result still goes through the checks of
+    :meth:`MeterSet.load_state_dict`)."""
+    import json
+
+    try:
+        state = {"version": int(arrays["version"]), "config": json.loads(str(arrays["config"])),
+                 "rows": {}, "pixels": None}
+    except (KeyError, ValueError, TypeError) as e:
+        raise _bad_state(f"no version/config ({e})") from None
+    for name, v in arrays.items():
+        head, _, rest = name.partition(".")
+        if head == "rows":
+            state["rows"][rest] = v.tolist() if rest in ("query_id", "class_key") else v
+        elif head == "pixels":
+            state["pixels"] = state["pixels"] or {}
+            state["pixels"][rest] = int(v) if v.ndim == 0 else v
+        elif head == "pixels_per_class":
+            c, _, k = rest.rpartition(".")
+            state.setdefault("pixels_per_class", {}).setdefault(c, {})[k] = int(v) if v.ndim == 0 else v
+    return state
+
+
 def _exact_pixel_metrics(chunks, n_regions: int, fpr_limit: float) -> dict:
     """Exact pixel metrics from per-query chunks (scores, positive indices, their region sizes)
-    in canonical order. Peak memory: the stored scores plus one float32 copy of the negatives
-    (sorted in place) and the positives."""
+    in canonical order. Peak memory: the stored scores plus one copy of the negatives (sorted in
+    place) and the positives, in the stored precision (float32, or float64 where the input was)."""
     n_tot = sum(c[0].size for c in chunks)
     n_pos = sum(c[1].size for c in chunks)
-    neg = np.empty(n_tot - n_pos, np.float32)
-    pos = np.empty(n_pos, np.float32)
+    dtype = np.result_type(np.float32, *[c[0].dtype for c in chunks])
+    neg = np.empty(n_tot - n_pos, dtype)
+    pos = np.empty(n_pos, dtype)
     size = np.empty(n_pos, np.float64)
     o = op = 0
     for sc, pi, ps in chunks:

@@ -112,7 +112,12 @@ def segmentation_metrics(rows: dict, ratio_edges=RATIO_EDGES, area_edges=AREA_ED
             ious.append(iou)
     out["per_class"] = per_class
     out["miou"] = _mean(ious)
-    out["n_classes"] = len(ious)
+    # a class whose union is empty in every episode (no ground truth and no false positive) has no
+    # IoU: it is left out of the mean and named, and n_classes still counts every class scored
+    # (official SOFS turns the whole mIoU into NaN there, HSNet counts the class as 0)
+    out["n_classes"] = len(classes)
+    out["empty_union"] = "excluded from the mean"
+    out["empty_union_classes"] = [c for c in classes if per_class[c]["iou"] is None]
 
     I_fg, U_fg = int(tp.sum()), int(uni.sum())
     I_bg, U_bg = int(tn.sum()), int((tn + fp + fn).sum())

@@ -59,7 +59,10 @@ class SOFSMethod(Method):
         heads: int = 4
         tau: float = 0.1
         # --- test procedure (protocol-sofs.md §5) ---
-        window: int = 0  # sliding-window side at native resolution; 0 = image_size
+        # the official code's one crop_size: support crops (the manifest's), test windows and
+        # training crops; 0 = the protocol's crop_size (image_size where supports have no crops).
+        # A value that disagrees with the manifest's support crops is refused.
+        window: int = 0
         window_batch: int = 4  # windows per forward (ND_batch_size)
         s_in_shot: int = 0  # copies of a whole-image support; 0 = as many as the other shots' crops, else 4 (1-shot) / 1
         output: str = "heat"  # "heat": stitched probability; "binary": the official averaged binary map
@@ -72,7 +75,7 @@ class SOFSMethod(Method):
         meta_cls: bool = True  # meta prediction; False = MLP classifier (cls_semantic)
         # --- training (§4-5) ---
         epochs: int = 50
-        batch_size: int = 4  # episodes per iteration
+        batch_size: int = 4  # episodes per optimiser step (official: 7 GPUs x 4 = 28, see README)
         lr: float = 1e-5
         lr_multiple: float = 2.0  # non-transformer params
         weight_decay: float = 0.01
@@ -85,26 +88,26 @@ class SOFSMethod(Method):
         alpha: float = 0.3  # probability of a normal query crop
         area_resize_ratio: float = 0.0  # 0 = per fold from area_resize_ratio_per_fold (train.sh)
         area_resize_ratio_per_fold: tuple = (0.01, 0.005, 0.01)
-        train_shot: int = 1
-        train_s_in_shot: int = 4
-        crop_size: int = 0  # training crop side; 0 = window
+        train_shot: int = 0  # 0 = the test shot (train.sh trains one model per shot)
+        train_s_in_shot: int = 0  # 0 = 4 crops for 1-shot, 1 per image otherwise (sofs.md §3)
         crop_ratio: tuple = (1.0, 1.0)
         augment: bool = True
         max_iters_per_epoch: int = 0  # 0 = the whole epoch
         cache_images: int = 0  # decoded training images kept in memory (0 = none)
 
     presets = {
-        "paper": {},
+        # the official effective batch: train.sh's 7 GPUs x 4 episodes (README, "Effective batch")
+        "paper": {"batch_size": 28},
         "paper_resnet50": {"backbone": "resnet50", "layers": (2, 3), "image_size": 512, "patch": 8,
-                           "reduce_dim": 64, "embed_dim": 64},
+                           "reduce_dim": 64, "embed_dim": 64, "batch_size": 28},
         # CPU-sized: random-init ResNet-18 (merged layer2+3, 256 ch), 128-px input for the 256-px
         # native windows/crops of the synthetic protocol, C = C1 = 64, 12 short epochs at 30x the
         # paper's lr, eta = 1e5 (with eta = 1 or lr 1e-3 it collapsed to all-zero output on
         # synthetic fold 0; lr 1e-4 x 6 epochs stayed below 0.5 everywhere). Not the paper's numbers.
         "cpu": {"backbone": "resnet18", "weights": "random", "layers": (2, 3), "merge_dim": 256,
-                "image_size": 128, "window": 256, "patch": 8, "reduce_dim": 64, "embed_dim": 64, "epochs": 12,
+                "image_size": 128, "patch": 8, "reduce_dim": 64, "embed_dim": 64, "epochs": 12,
                 "lr": 3e-4, "eta": 1e5, "cache_images": 512, "max_iters_per_epoch": 40},
-        "test": {"backbone": "resnet18", "weights": "random", "layers": (2, 3), "merge_dim": 32, "window": 160,
+        "test": {"backbone": "resnet18", "weights": "random", "layers": (2, 3), "merge_dim": 32,
                  "image_size": 64, "patch": 8, "reduce_dim": 16, "embed_dim": 16, "heads": 2,
                  "num_stages": 1, "epochs": 1, "batch_size": 2, "max_iters_per_epoch": 2, "lr": 1e-3,
                  "cache_images": 64},
@@ -167,21 +170,43 @@ class SOFSMethod(Method):
         self.model.to(self.device).eval()
 
     # ---- training ----------------------------------------------------------------------------
-    def fold_value(self, value: float, per_fold: tuple, fold: int, fallback: float) -> float:
+    #: the dataset train.sh's per-fold eta and area ratio were tuned for
+    PER_FOLD_DATASET = "vision_v1"
+
+    def fold_value(self, value: float, per_fold: tuple, train: TrainSource, fallback: float) -> float:
+        """An explicit value, else train.sh's per-fold value on VISION V1, else the yaml's value."""
         if value:
             return float(value)
-        return float(per_fold[fold]) if 0 <= fold < len(per_fold) else float(fallback)
+        if train.dataset == self.PER_FOLD_DATASET and 0 <= train.fold < len(per_fold):
+            return float(per_fold[train.fold])
+        return float(fallback)
+
+    def label(self) -> str:
+        return f"sofs ({self.config.output})"
+
+    def crop_side(self, protocol_crop: int, what: str) -> int:
+        """The official code's single crop_size: ``window`` when set, else the protocol's crop side,
+        else ``image_size``. A window that disagrees with the protocol's crops is refused."""
+        w = self.config.window
+        if w and protocol_crop and w != protocol_crop:
+            raise FdsError(f"sofs: window={w} but {what} is {protocol_crop}; SOFS uses one crop size for "
+                           f"support crops, test windows and training crops: drop --set window or pass "
+                           f"--protocol-opt crop_size={w}")
+        return w or protocol_crop or self.config.image_size
 
     def fit(self, train: TrainSource, workdir: Path) -> None:
         c = self.config
         if c.checkpoint:
             self.load_checkpoint(c.checkpoint)
             return
-        eta = self.fold_value(c.eta, c.eta_per_fold, train.fold, ETA_YAML)
-        ratio = self.fold_value(c.area_resize_ratio, c.area_resize_ratio_per_fold, train.fold, 0.01)
-        settings = NRSettings(image_size=c.image_size, crop_size=c.crop_size or c.window or c.image_size,
-                              crop_ratio=tuple(c.crop_ratio), shot=c.train_shot,
-                              s_in_shot=c.train_s_in_shot if c.nr else 1, area_resize_ratio=ratio,
+        eta = self.fold_value(c.eta, c.eta_per_fold, train, ETA_YAML)
+        ratio = self.fold_value(c.area_resize_ratio, c.area_resize_ratio_per_fold, train, 0.01)
+        crop = self.crop_side(train.crop_size, "the protocol's crop_size")
+        shot = c.train_shot or train.shot
+        s_in_shot = (c.train_s_in_shot or (4 if shot == 1 else 1)) if c.nr else 1
+        settings = NRSettings(image_size=c.image_size, crop_size=crop,
+                              crop_ratio=tuple(c.crop_ratio), shot=shot,
+                              s_in_shot=s_in_shot, area_resize_ratio=ratio,
                               alpha=c.alpha if c.nr else 0.0, augment=c.augment, nr=c.nr)
         seed = train.seed  # the harness's train seed (SOFS train.sh: RNG_SEED 54)
         sampler = EpisodeSampler(train, settings, seed=seed, cache_size=c.cache_images)
@@ -192,7 +217,7 @@ class SOFSMethod(Method):
         groups = param_groups(model, [("query_semantic_transformer", 1.0)], default_mult=c.lr_multiple)
         loop = TrainLoop(model, groups, workdir, epochs=c.epochs, iters_per_epoch=n_it, base_lr=c.lr,
                          weight_decay=c.weight_decay, power=c.power, seed=seed, log=_log,
-                         fingerprint=config_hash(c) + f"|{train.dataset}|{train.fold}|{train.seed}")
+                         fingerprint=config_hash(c) + f"|{train.dataset}|{train.fold}|{train.seed}|{shot}|{crop}")
         dev = self.device
 
         def step_loss(batch):
@@ -230,7 +255,8 @@ class SOFSMethod(Method):
         K = len(index)
         self.model.eval()
         sup = self.model.encode_support(x[index].view(1, K, *x.shape[1:]), y.view(1, K, *y.shape[1:]), feats=feats)
-        return {"support": sup, "whole": whole}
+        window = self.crop_side(support.crop_size, "the manifest's support crop size")
+        return {"support": sup, "whole": whole, "window": window}
 
     @torch.no_grad()
     def predict(self, state, query: Query) -> np.ndarray:
@@ -240,8 +266,7 @@ class SOFSMethod(Method):
         if state["whole"]:
             out = predict_whole(query.image, fn, c.image_size)
         else:
-            out = predict_sliding(query.image, fn, c.image_size, window=c.window or c.image_size,
-                                  batch=c.window_batch)
+            out = predict_sliding(query.image, fn, c.image_size, window=state["window"], batch=c.window_batch)
         m = out.heat if c.output == "heat" else out.binary
         return np.clip(m, 0.0, 1.0).astype(np.float32)
 
