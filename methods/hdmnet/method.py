@@ -49,6 +49,7 @@ from .data import IGNORE, StretchSampler, stretch_image, stretch_label
 from .model import HDMNet, IndustrialHDMNet, PSPNet, distillation_loss, psp_key_map
 
 VARIANTS = ("official", "industrial")
+PASCAL_BASE_CLASSES = 15  # the official checkpoints' base learner: background + 15 base classes
 LOSSES = ("official", "ce_dice", "ce_mndl")
 RESIZES = ("stretch", "longest")
 
@@ -81,7 +82,7 @@ class HDMNetMethod(Method):
         # --- official model ---
         checkpoint: str = ""  # an official HDMNet checkpoint (module. keys): loaded strictly, no training
         pspnet: str = ""  # a trained official PSPNet (initmodel/PSPNet/...best.pth): skips stage 1
-        base_classes: int = 0  # PSPNet foreground classes; 0 = the classes of the training data
+        base_classes: int = 0  # PSPNet foreground classes; 0 = the training data's (15, PASCAL-5i, without fit)
         shot: int = 0  # K the official model is built for (kshot_rw exists for K > 1); 0 = the test shot
         kshot_trans_dim: int = 2
         # --- meta learner ---
@@ -166,7 +167,7 @@ class HDMNetMethod(Method):
                  "batch_size": 2, "max_iters_per_epoch": 2, "lr": 1e-3, "cache_images": 64},
         # speed (fdsbench fps): the official PASCAL-sized model at 473 (15 base classes), bf16 autocast on CUDA;
         # timing does not depend on the weights, so random ones are allowed here
-        "fps": {**_official, "weights": "random", "base_classes": 15, "amp": "bf16"},
+        "fps": {**_official, "weights": "random", "amp": "bf16"},
     }
     default_preset = "cpu"
 
@@ -261,9 +262,8 @@ class HDMNetMethod(Method):
                     raise FdsError(f"hdmnet: the state dict is of a {shot}-shot model, the config asks for "
                                    f"shot={self.config.shot}")
                 self._build_official(n, shot)
-        if self.model is None:
-            raise FdsError("hdmnet (official): the number of base classes is unknown before fit(); set "
-                           "base_classes (15 for PASCAL-5i, 60 for COCO-20i) or call fit first")
+        if self.model is None:  # neither fit nor a checkpoint (the speed protocol): the PASCAL-5i layout
+            self._build_official(PASCAL_BASE_CLASSES, self.config.shot or 1)
 
     def load_checkpoint(self, path: str) -> None:
         """An official HDMNet checkpoint (``{'state_dict': {'module.<name>': ...}}``), loaded strictly."""
