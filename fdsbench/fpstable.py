@@ -27,7 +27,8 @@ from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .loading import EpisodeLoader, host_array
 from .registry import get_dataset, get_method, list_methods
 from .seeding import seed_everything
-from .timing import ShapeWarmup, TimingMeter, accelerate, autocast, environment_info, output_difference
+from .timing import (ShapeWarmup, TimingMeter, accelerate, autocast, environment_info, output_difference,
+                     precision_kind)
 
 NOT_PAPER = ("cpu", "test")
 SIZE_KEYS = ("image_size", "input_size", "size")
@@ -63,10 +64,6 @@ def _speed_overrides(cls, fp32: bool = False) -> dict:
     return out
 
 
-def _timer_precision(precision: str) -> str:
-    return "bf16" if "bf16" in precision else ("fp16" if "fp16" in precision else "fp32")
-
-
 def time_preset(name: str, preset: str, ds, fold: int, shot: int, device: str, episodes: int, warmup: int,
                 workdir: Path, compile: bool = False, channels_last: bool = False, cudnn_benchmark: bool = False,
                 warmup_per_shape: bool = False, compare_fp32: int = 0) -> dict:
@@ -81,7 +78,7 @@ def time_preset(name: str, preset: str, ds, fold: int, shot: int, device: str, e
     eps = manifest.episodes[:episodes]
     speed = accelerate(method, device, compile, channels_last, cudnn_benchmark)
     precision = getattr(method, "precision", "fp32")
-    timer = TimingMeter(device=device, warmup=warmup, precision=_timer_precision(precision))
+    timer = TimingMeter(device=device, warmup=warmup, precision=precision_kind(precision))
     amp, shapes = autocast(device, getattr(method, "autocast", None)), ShapeWarmup(warmup_per_shape)
     outputs = []
     t0 = time.perf_counter()
@@ -140,7 +137,7 @@ def _slug(text: str) -> str:
 def table_folder(out: Path, env: dict, rows: list[dict]) -> Path:
     """``<out>/<gpu>-<precision>-<versions>``: the device, the precision of the rows (``mixed`` when
     they differ) and the torch/CUDA versions."""
-    precisions = {_timer_precision(r["precision"]) for r in rows if r.get("fps")}
+    precisions = {precision_kind(r["precision"]) for r in rows if r.get("fps")}
     prec = precisions.pop() if len(precisions) == 1 else ("mixed" if precisions else "none")
     versions = f"torch{env.get('torch')}" + (f"-cuda{env['cuda']}" if env.get("device_type") == "cuda" and env.get("cuda")
                                               else "")

@@ -214,9 +214,9 @@ def report_metrics(metrics: dict, proto: dict, manifest: Manifest) -> dict:
 
 
 def _make_timer(spec: BenchSpec):
-    from .timing import TimingMeter
+    from .timing import TimingMeter, precision_kind
 
-    return TimingMeter(device=spec.device, warmup=spec.warmup, precision=spec.precision)
+    return TimingMeter(device=spec.device, warmup=spec.warmup, precision=precision_kind(spec.precision))
 
 
 def _train_tag(spec: BenchSpec) -> str:

@@ -36,6 +36,11 @@ import numpy as np
 from .errors import FdsError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def precision_kind(precision: str) -> str:
+    """The numeric precision of a method's precision label ("bf16-autocast+tf32" -> "bf16")."""
+    return "bf16" if "bf16" in precision else ("fp16" if "fp16" in precision else "fp32")
 STATE_VERSION = 2
 
 

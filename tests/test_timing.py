@@ -136,3 +136,12 @@ def test_warmup_never_hides_the_only_call_of_a_kind():
     assert r["prepare"]["includes_warmup"] is True
     assert r["predict"]["n"] == 2 and not r["predict"]["includes_warmup"]
     assert r["predict"]["warmup_total_s"] == pytest.approx(2.0)
+
+
+def test_method_precision_labels_map_to_timer_precisions():
+    from fdsbench.runner import BenchSpec, _make_timer
+    from fdsbench.timing import precision_kind
+
+    assert [precision_kind(p) for p in ("fp32", "bf16-autocast", "bf16-autocast+tf32", "fp16")] == \
+        ["fp32", "bf16", "bf16", "fp16"]
+    assert _make_timer(BenchSpec(precision="bf16-autocast")).precision == "bf16"
