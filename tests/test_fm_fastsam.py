@@ -174,3 +174,18 @@ def test_gfds_protocol_runs_offline_and_records(method, tmp_path):
     assert rec["protocol"]["draw"] == "gfds" and rec["protocol"]["resize"] == [256, 256]
     assert rec["metrics"]["miou"] is not None and "runtime" in rec
     assert all(v == "random-init" for v in rec["weights"].values())
+
+
+def test_listing_methods_imports_no_ultralytics_and_keeps_pillow():
+    """Discovery must not import ultralytics (it patches PIL.Image.open process-wide); the module that
+    does import it restores Pillow's own open."""
+    import subprocess
+    import sys
+
+    code = ("import PIL.Image as I; o = I.open\n"
+            "from fdsbench.registry import list_methods; assert 'fm_fastsam' in list_methods()\n"
+            "import sys; assert 'ultralytics' not in sys.modules, 'discovery imported ultralytics'\n"
+            "from fdsbench.methods.fm_fastsam import fastsam\n"
+            "assert 'ultralytics' in sys.modules and I.open is o, 'Pillow patched'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -26,9 +26,9 @@ import torch
 from fdsbench import weights as W
 from fdsbench.errors import FdsError, WeightsError
 
+from .method import MODELS
+
 ULTRALYTICS_PINNED = "8.4.190"
-#: FastSAM size -> (weights-table name, ultralytics model yaml of the same architecture)
-MODELS = {"s": ("fastsam_s", "yolov8s-seg.yaml"), "x": ("fastsam_x", "yolov8x-seg.yaml")}
 
 
 def _offline_environment() -> None:
@@ -50,10 +50,17 @@ def _offline_environment() -> None:
 
 _offline_environment()
 
+import PIL.Image  # noqa: E402
+
+_pillow_open = PIL.Image.open
 import ultralytics  # noqa: E402 - the environment above must be set before the first import
 from ultralytics import FastSAM  # noqa: E402
 from ultralytics.nn.tasks import SegmentationModel  # noqa: E402
 from ultralytics.utils import SETTINGS  # noqa: E402
+
+# ultralytics replaces PIL.Image.open process-wide with a wrapper that pip-installs a HEIF plugin on
+# the first unidentified file; fdsbench's readers (and this process's other methods) keep Pillow's own
+PIL.Image.open = _pillow_open
 
 if SETTINGS.get("sync"):
     SETTINGS.update({"sync": False})

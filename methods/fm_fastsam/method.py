@@ -23,8 +23,18 @@ from fdsbench.types import Query, Requirements
 from fdsbench.methods.fm.method import PAPER_ROWS as FM_ROWS
 from fdsbench.methods.fm.method import FeatureMatching, FMConfig, FMState
 
-from . import fastsam as FS
 from .fusion import FUSIONS, FusionParams, fuse
+
+#: FastSAM size -> (weights-table name, ultralytics model yaml of the same architecture)
+MODELS = {"s": ("fastsam_s", "yolov8s-seg.yaml"), "x": ("fastsam_x", "yolov8x-seg.yaml")}
+
+
+def _fastsam():
+    """The ultralytics-backed FastSAM module, imported on first use: listing or running other methods
+    never imports ultralytics (heavy, and it must be made offline before its first import)."""
+    from . import fastsam
+
+    return fastsam
 
 
 @dataclasses.dataclass
@@ -88,11 +98,11 @@ class FMFastSAM(FeatureMatching):
         c = self.config
         if c.fusion not in FUSIONS:
             raise FdsError(f"fm_fastsam: fusion '{c.fusion}' is unknown; use one of {', '.join(FUSIONS)}")
-        if c.fastsam not in FS.MODELS:
+        if c.fastsam not in MODELS:
             raise FdsError(f"fm_fastsam: fastsam '{c.fastsam}' is unknown; use s (FastSAM-s) or x (FastSAM-x)")
         if c.dilation % 2 == 0:
             raise FdsError(f"fm_fastsam: dilation={c.dilation} must be odd (21 in the code)")
-        fs_name = FS.MODELS[c.fastsam][0]
+        fs_name = MODELS[c.fastsam][0]
         table = c.fastsam_weights in ("default", "", None)
         self.requires = dataclasses.replace(self.requires, weights=self.requires.weights + ((fs_name,) if table else ()))
         self.params = FusionParams(c.tau1, c.area_cap, c.big_overlap, c.dilation, c.tau2, c.area_clause)
@@ -101,16 +111,16 @@ class FMFastSAM(FeatureMatching):
         self.fusion_stats = {"queries": 0, "no_masks": 0, "none_selected": 0, "selected": 0, "replaced": 0}
 
     @property
-    def everything(self) -> FS.Everything:
+    def everything(self):
         if self._fastsam is None:
             c = self.config
             if c.fastsam_weights == "random":
-                model = FS.build_random(c.fastsam, seed=c.random_seed, class_bias=c.random_class_bias)
+                model = _fastsam().build_random(c.fastsam, seed=c.random_seed, class_bias=c.random_class_bias)
                 self._fastsam_prov = "random-init"
             else:
-                path, self._fastsam_prov = FS.resolve_weights(c.fastsam, c.fastsam_weights)
-                model = FS.load(path)
-            self._fastsam = FS.Everything(model, imgsz=c.fastsam_imgsz, conf=c.conf, iou=c.iou, max_det=c.max_det,
+                path, self._fastsam_prov = _fastsam().resolve_weights(c.fastsam, c.fastsam_weights)
+                model = _fastsam().load(path)
+            self._fastsam = _fastsam().Everything(model, imgsz=c.fastsam_imgsz, conf=c.conf, iou=c.iou, max_det=c.max_det,
                                           device=self.device, call=c.fastsam_call)
         return self._fastsam
 
@@ -149,11 +159,11 @@ class FMFastSAM(FeatureMatching):
     def weights_provenance(self) -> dict[str, str]:
         prov = super().weights_provenance()
         self.everything  # noqa: B018 - building resolves (and checks) the weights file
-        prov[FS.MODELS[self.config.fastsam][0]] = self._fastsam_prov
+        prov[MODELS[self.config.fastsam][0]] = self._fastsam_prov
         return prov
 
     def runtime_info(self) -> dict[str, Any]:
         info = super().runtime_info()
-        info.update({"ultralytics_version": FS.version(), "ultralytics_pinned": FS.ULTRALYTICS_PINNED,
+        info.update({"ultralytics_version": _fastsam().version(), "ultralytics_pinned": _fastsam().ULTRALYTICS_PINNED,
                      "fusion_counts": dict(self.fusion_stats)})
         return info
