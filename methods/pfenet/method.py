@@ -14,7 +14,9 @@ Test paths (``test_path``):
 * ``sliding`` (NR): native-resolution windows stitched as SOFS; supports are the manifest's crops.
 The probability is the softmax foreground channel (argmax <=> p > 0.5).
 
-Training: episodes from the shared sampler (NR crops or whole images), SGD with momentum and the
+Training: episodes from the shared SOFS sampler (``train_sampler="nr"``: NR crops or whole images)
+or the official PFENet loader (``"official"``: size-filtered class lists, RandScale / RandRotate /
+blur / flip / foreground-keeping random crop, labels 0/1/255 with 255 ignored by the loss), SGD with momentum and the
 official hidden 10x learning-rate multiplier on every head group (``lr_scale``), poly decay per
 iteration, per-epoch resumable checkpoints (the shared TrainLoop).
 """
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from fdsbench import weights as W
 from fdsbench.blocks.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from fdsbench.blocks.backbones.taps import feature_taps, tap_dims
+from fdsbench.blocks.fss_episodes import FSSEpisodes, FSSSettings
 from fdsbench.blocks.nr import EpisodeSampler, NRSettings
 from fdsbench.blocks.tiling import image_to_tensor, mask_to_tensor, predict_sliding, predict_whole
 from fdsbench.blocks.training import TrainLoop, param_groups
@@ -127,6 +130,10 @@ class PFENetMethod(Method):
         eta: float = 1e5  # MNDL eta ◊ (SOFS value)
         beta: float = 1.0
         # --- training (A5) ---
+        train_sampler: str = "nr"  # nr (shared SOFS sampler) | official (PFENet loader and transform, A6)
+        min_pixels: int = 2048  # official sampler: a class is listed for an image from 2*32*32 pixels on
+        scale_range: tuple = (0.9, 1.1)  # official sampler: RandScale (COCO recipe 0.8-1.25)
+        rotate_range: tuple = (-10.0, 10.0)  # official sampler: RandRotate, degrees
         nr: bool = False  # non-resizing training crops (SOFS sampler) and sliding-window test
         epochs: int = 50
         batch_size: int = 4  # episodes per iteration
@@ -140,16 +147,16 @@ class PFENetMethod(Method):
         crop_size: int = 0  # NR training crop side; 0 = window
         alpha: float = 0.3  # NR: probability of a normal query crop
         area_resize_ratio: float = 0.01
-        augment: bool = True  # SOFS training augmentations (shared sampler) ◊ for the official rows
+        augment: bool = True  # SOFS training augmentations (nr sampler only)
         max_iters_per_epoch: int = 0
         cache_images: int = 0
 
     _dino = {}
     _resnet = {"backbone": "resnet50", "layers": (2, 3), "image_size": 512}
     _official = {"arch": "official", "backbone": "deep_resnet50", "image_size": 473, "ppm_scales": (60, 30, 15, 8),
-                 "test_path": "canvas", "dice": "none", "epochs": 200}
+                 "test_path": "canvas", "dice": "none", "epochs": 200, "train_sampler": "official"}
     _gfds = {**_official, "image_size": 256, "strict_size": False, "ppm_scales": (1.0, 0.5, 0.25, 0.125),
-             "mask_rule": "gfds", "test_path": "resize", "epochs": 400}
+             "mask_rule": "gfds", "test_path": "resize", "epochs": 400, "train_sampler": "nr"}
     _nr_mndl = {"nr": True, "test_path": "sliding", "dice": "mndl"}
     presets = {
         "official": _official,  # PASCAL-5i recipe (ResNet-50, 473, base_lr 0.0025 x 10, 200 epochs)
@@ -176,7 +183,8 @@ class PFENetMethod(Method):
         c = self.config
         for name, value, allowed in (("arch", c.arch, ("official", "taps")), ("test_path", c.test_path,
                                      ("canvas", "resize", "sliding")), ("dice", c.dice, ("none", "dice", "mndl")),
-                                     ("amp", c.amp, ("fp32", "bf16"))):
+                                     ("amp", c.amp, ("fp32", "bf16")),
+                                     ("train_sampler", c.train_sampler, ("nr", "official"))):
             if value not in allowed:
                 raise FdsError(f"pfenet: {name}={value!r} is not one of {', '.join(allowed)}")
         head = dict(reduce_dim=c.reduce_dim, ppm_scales=tuple(c.ppm_scales), mask_rule=c.mask_rule,
@@ -254,11 +262,7 @@ class PFENetMethod(Method):
         if c.checkpoint:
             self.load_checkpoint(c.checkpoint)
             return
-        settings = NRSettings(image_size=c.image_size, crop_size=c.crop_size or c.window or c.image_size,
-                              shot=c.train_shot, s_in_shot=c.train_s_in_shot if c.nr else 1,
-                              area_resize_ratio=c.area_resize_ratio, alpha=c.alpha if c.nr else 0.0,
-                              augment=c.augment, nr=c.nr)
-        sampler = EpisodeSampler(train, settings, seed=train.seed, cache_size=c.cache_images)
+        sampler = self.train_episodes(train)
         n_it = sampler.n_batches(c.batch_size)
         if c.max_iters_per_epoch:
             n_it = min(n_it, c.max_iters_per_epoch)
@@ -269,6 +273,19 @@ class PFENetMethod(Method):
         self.history = loop.run(lambda epoch: itertools.islice(sampler.batches(epoch, c.batch_size), n_it),
                                 lambda batch: self.step_loss(batch, loop.module), train_mode=self.backbone_train_mode)
         self.model.eval()
+
+    def train_episodes(self, train: TrainSource):
+        """The episode source of ``train_sampler``: the official PFENet loader (A6) or the shared sampler."""
+        c = self.config
+        if c.train_sampler == "official":
+            return FSSEpisodes(train, FSSSettings(size=c.image_size, shot=c.train_shot, min_pixels=c.min_pixels,
+                                                  scale=tuple(c.scale_range), rotate=tuple(c.rotate_range)),
+                               seed=train.seed)
+        settings = NRSettings(image_size=c.image_size, crop_size=c.crop_size or c.window or c.image_size,
+                              shot=c.train_shot, s_in_shot=c.train_s_in_shot if c.nr else 1,
+                              area_resize_ratio=c.area_resize_ratio, alpha=c.alpha if c.nr else 0.0,
+                              augment=c.augment, nr=c.nr)
+        return EpisodeSampler(train, settings, seed=train.seed, cache_size=c.cache_images)
 
     def step_loss(self, batch: dict, module=None) -> torch.Tensor:
         """Training loss of a collated batch; ``module`` = the (possibly DDP-wrapped) model."""
