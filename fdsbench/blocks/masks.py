@@ -70,12 +70,13 @@ def downsample_mask(mask: torch.Tensor, size: tuple[int, int], mode: str = "pfim
 
 def weighted_gap(feat: torch.Tensor, mask: torch.Tensor, eps: float = 5e-4) -> torch.Tensor:
     """Masked average pooling (Weighted_GAP): [B,C,h,w] x [B,1,h,w] -> [B,C,1,1],
-    sum over the grid of F * M divided by (sum of M + eps)."""
+    sum over the grid of F * M divided by (sum of M + eps). The sums are taken as the official
+    HDMNet/SOFS code takes them (grid average x h x w), which keeps the result bit-identical to it."""
     if mask.dim() == 3:
         mask = mask[:, None]
-    num = (feat * mask).sum(dim=(-2, -1), keepdim=True)
-    area = mask.sum(dim=(-2, -1), keepdim=True) + eps
-    return num / area
+    h, w = feat.shape[-2:]
+    area = F.avg_pool2d(mask, (h, w)) * h * w + eps
+    return F.avg_pool2d(feat * mask, (h, w)) * h * w / area
 
 
 masked_average_pooling = weighted_gap

@@ -3,6 +3,9 @@
 
 * :func:`semantic_prior` — HDMNet's ``get_similarity`` / SOFS Eq. 2: for every query position the
   max over support positions of cos(F_q(i), M(t) F_s(t)), averaged over the shots.
+
+Every piece follows the official arithmetic (full-grid cosine with its 1e-7, explicit attention
+scores), so a forward with the same weights is bit-identical to the official code on CPU.
 * :class:`MaskMultiHeadAttention` — bias-free q/k/v/o projections. Self-attention: softmax over keys
   of q k^T / (sqrt(d) + 1e-9). Cross-attention (HDMNet §3.2): per head cos(q, k) / 0.1, softmax over
   the QUERY axis, entries of masked-out support positions set to 0 after the softmax; it also
@@ -26,33 +29,26 @@ from torch import nn
 
 CROSS_TEMPERATURE = 0.1
 LN_EPS = 1e-6
+COS_EPS = 1e-7
 
 
 def semantic_prior(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Cosine-max similarity prior of one layer, averaged over the K shots.
-
-    The official cosine a.b / (|a||b| + 1e-7) is scale-invariant and gives exactly 0 where M = 0,
-    so per shot this is max(0, max over t with M(t) > 0 of cos(F_q(i), F_s(t))) (or the plain max
-    when the mask covers every position); it is computed on the masked positions only (equal up to
-    the 1e-7 epsilon). q [B,D,h,w]; s [Bs,K,D,h,w], m [Bs,K,1,h,w] with Bs = B or 1 (one support
-    set shared by B query windows) -> [B,1,h,w]."""
+    """Cosine-max similarity prior of one layer, averaged over the K shots, computed as the official
+    ``get_similarity``: the support map is multiplied by its mask, cos = s.q / (|s||q| + 1e-7) over
+    the full grid, max over the support positions (masked-out positions give 0), mean over shots.
+    q [B,D,h,w]; s [Bs,K,D,h,w], m [Bs,K,1,h,w] with Bs = B or 1 (one support set shared by B query
+    windows) -> [B,1,h,w]."""
     B, D, h, w = q.shape
     Bs, K = s.shape[:2]
-    N = h * w
-    qn = F.normalize(q.flatten(2), dim=1)  # [B,D,N]
+    qf = q.flatten(2).contiguous()  # [B,D,N]
+    qn = torch.norm(qf, 2, 1, True)  # [B,1,N]
     per_shot = []
     for k in range(K):
-        rows = []
-        for b in range(Bs):
-            idx = (m[b, k, 0].flatten() > 0).nonzero()[:, 0]
-            qb = qn if Bs == 1 else qn[b: b + 1]
-            if idx.numel() == 0:
-                rows.append(qb.new_zeros(qb.shape[0], N))
-                continue
-            sk = F.normalize(s[b, k].flatten(1)[:, idx], dim=0)  # [D,n]
-            val = torch.einsum("bdn,dt->bnt", qb, sk).amax(2)
-            rows.append(val.clamp_min(0) if idx.numel() < N else val)
-        per_shot.append(rows[0] if Bs == 1 else torch.cat(rows))
+        sk = (s[:, k] * m[:, k]).flatten(2).permute(0, 2, 1).contiguous()  # [Bs,N,D] (official layout)
+        skn = torch.norm(sk, 2, 2, True)  # [Bs,N,1]
+        if Bs != B:
+            sk, skn = sk.expand(B, -1, -1), skn.expand(B, -1, -1)
+        per_shot.append((torch.bmm(sk, qf) / (torch.bmm(skn, qn) + COS_EPS)).amax(1))  # [B,N]
     return torch.stack(per_shot, 1).mean(1).view(B, 1, h, w)
 
 
@@ -101,8 +97,8 @@ class MaskMultiHeadAttention(nn.Module):
         q, k, v = self._split(self.linear_q(q)), self._split(self.linear_k(k)), self._split(self.linear_v(v))
         corr = None
         if mask is None:
-            d = q.shape[-1]
-            y = F.scaled_dot_product_attention(q, k, v, scale=1.0 / (math.sqrt(d) + 1e-9))
+            scores = torch.einsum("bhmc,bhnc->bhmn", q, k) / (math.sqrt(q.shape[-1]) + 1e-9)
+            y = torch.softmax(scores, dim=-1) @ v
         else:
             attn, corr = self.cross_attention(q, k, mask)
             y = attn @ v
