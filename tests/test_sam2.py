@@ -267,3 +267,16 @@ def test_default_weights_missing_is_a_clear_error_and_random_is_flagged(monkeypa
         assert (c.model, c.image_size) == (model, s)
     with pytest.raises(FdsError, match="t, s, b\\+, l"):
         Sam2VideoTrack.from_preset("test", {"model": "xl"})
+
+
+def test_random_init_does_not_depend_on_when_the_model_is_built():
+    """The runner asks for weights provenance (which builds the model) before any episode is seeded:
+    the random init must not take the caller's RNG state (results once differed run to run)."""
+    a = Sam2VideoTrack.from_preset("test")
+    torch.manual_seed(123)
+    torch.rand(7)
+    a.weights_provenance()
+    b = Sam2VideoTrack.from_preset("test")
+    torch.manual_seed(5)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

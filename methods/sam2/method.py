@@ -113,7 +113,9 @@ class Sam2VideoTrack(Method):
                 torch.backends.cudnn.allow_tf32 = True
             else:
                 self.precision = "bf16-autocast"
-        pred = O.build_predictor(self.model_key, c.image_size, device="cpu", vos_optimized=c.vos_optimized)
+        with torch.random.fork_rng(devices=[]):  # random init independent of when the model is first used
+            torch.manual_seed(0)
+            pred = O.build_predictor(self.model_key, c.image_size, device="cpu", vos_optimized=c.vos_optimized)
         if c.weights == "random":
             self._provenance = {self.weights_name: "random-init"}
         else:
