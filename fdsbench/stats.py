@@ -1,4 +1,4 @@
-"""Statistics beyond the papers (issue 3 item 5): mean ± std over runs, bootstrap confidence
+"""Statistics beyond the papers: mean ± std over runs, bootstrap confidence
 intervals over classes, and a paired comparison of two methods on the same manifest.
 
 Pure functions on the ``per_class`` dicts of :meth:`fdsbench.metrics.MeterSet.compute`

@@ -1,4 +1,4 @@
-"""fdsbench's timing protocol (issue 3 item 4; DESIGN "Traps": FPS).
+"""fdsbench's timing protocol (FPS: warm-up, device synchronisation, batch 1).
 
 * batch size 1 (the runner calls ``predict`` once per query);
 * ``prepare`` (support processing) and ``predict`` (one query) are timed separately;

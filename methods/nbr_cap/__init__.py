@@ -1,3 +1,3 @@
 """NBR+CaP U-Net (Lin et al.): per-support fine-tuning of AlbuNet-34 with Normal Background
-Regularisation and Crop-and-Paste (spec: shared/specs/nbr-cap.md)."""
+Regularisation and Crop-and-Paste."""
 from .method import ABLATIONS, Fitted, NBRCaP, NBRCaPConfig  # noqa: F401  (registers "nbr_cap")
