@@ -124,7 +124,7 @@ def child_ckpt(args) -> None:
         state = ResumeState(folder / "run.partial", "bench", _M())
 
         def save(done):
-            state.save(meters, timer, done)
+            state.save(meters, timer.state_dict(), done)
     done = set()
     for i in range(n):
         p = np.clip(rng.normal(0.3, 0.1, (side, side)).astype(np.float32) + 0.3 * gt, 0, 1)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import __version__
 from .config import build_config, config_dict, config_hash
@@ -39,6 +40,8 @@ from .io import (atomic_write_bytes, atomic_write_json, check_writable_dir, cont
                  set_aside, sha256_file, write_npz)
 from .loading import DEFAULT_CACHE_MB, EpisodeLoader, OrderedWorker, host_array, responsive_gil
 from .method import Method
+from .metrics import MeterSet
+from .metrics.meterset import state_from_arrays, state_to_arrays
 from .timing import ShapeWarmup, accelerate, autocast
 from .datasets_cli import open_dataset
 from .registry import get_dataset, get_method, load_plugin
@@ -88,8 +91,6 @@ class BenchSpec:
 
 
 def _progress(iterable=None, total=None, desc="", enabled=True, initial=0):
-    from tqdm.auto import tqdm
-
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, initial=initial, leave=False,
                 dynamic_ncols=True, file=sys.stderr)
 
@@ -171,10 +172,11 @@ def validate_prediction(pred, query: Query, method: str) -> np.ndarray:
     if not np.issubdtype(pred.dtype, np.floating):
         raise FdsError(f"method '{method}' returned dtype {pred.dtype} for query {query.id}; "
                        f"predict() must return float probabilities")
-    if not np.isfinite(pred).all():
+    lo, hi = float(pred.min()), float(pred.max())  # a NaN anywhere makes both NaN
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         raise FdsError(f"method '{method}' returned NaN/inf for query {query.id}")
-    if pred.min() < 0 or pred.max() > 1:
-        raise FdsError(f"method '{method}' returned values in [{pred.min():.3g}, {pred.max():.3g}] for query "
+    if lo < 0 or hi > 1:
+        raise FdsError(f"method '{method}' returned values in [{lo:.3g}, {hi:.3g}] for query "
                        f"{query.id}; predict() must return probabilities in [0, 1] (apply the sigmoid/softmax "
                        f"the paper uses inside the method)")
     return pred.astype(np.float32, copy=False)
@@ -191,8 +193,6 @@ def aggregation(proto: dict) -> str:
 
 
 def _make_meters(spec: BenchSpec, proto: dict):
-    from .metrics import MeterSet
-
     return MeterSet(threshold=spec.threshold, score_mode=spec.score_mode,
                     per_class_scores=aggregation(proto) == "class_mean")
 
@@ -361,8 +361,6 @@ class ResumeState:
             path = self.folder / name
             if not path.is_file() or sha256_file(path) != entry.get("sha256"):
                 raise DataError(f"{name} is missing or does not match its sha256 in state.json")
-            from .metrics.meterset import state_from_arrays
-
             part = make_meters()
             part.load_state_dict(state_from_arrays(read_npz(path)))
             meters.merge(part)
@@ -394,11 +392,14 @@ class ResumeState:
                 self.chunks, self.hist, self.saved = [], None, set()
         return make_meters(), make_timer(), set()
 
-    def save(self, meters, timer, done: set[int]) -> None:
-        from .metrics.meterset import state_to_arrays
-
+    def save(self, meters, timing: dict, done: set[int]) -> None:
+        """Append the queries scored since the last save; ``timing``: the timing meter's state."""
         new = [k for k in meters.keys() if k not in self.saved]
         binned = meters.config["score_mode"] == "binned"
+        if any(k[0] not in done for k in new):  # the first queries of an episode that failed
+            if binned:
+                return  # histograms cannot be split by query: the previous save stands
+            new = [k for k in new if k[0] in done]
         if new:
             name = f"chunk-{len(self.chunks):05d}.npz"
             write_npz(self.folder / name, state_to_arrays(meters.state_dict(keys=new, pixels=False)))
@@ -411,7 +412,7 @@ class ResumeState:
             self.hist = {"file": name, "sha256": sha256_file(self.folder / name)}
         atomic_write_json(self.folder / "state.json", {
             "version": RESUME_VERSION, "run_id": self.rid, "manifest_hash": self.manifest.hash,
-            "done": sorted(done), "timing": timer.state_dict(), "chunks": self.chunks, "hist": self.hist})
+            "done": sorted(done), "timing": timing, "chunks": self.chunks, "hist": self.hist})
         if old_hist and old_hist != self.hist:
             (self.folder / old_hist["file"]).unlink(missing_ok=True)
 
@@ -462,9 +463,12 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
         else:
             meters.update(pred, gt, class_key=ep.class_key, episode=ep.index, query_id=query.id)
 
-    def checkpoint() -> None:
-        scorer.join()
-        resume.save(meters, timer, done)
+    def checkpoint(wait: bool) -> None:
+        """Save progress on the scorer thread, after the scoring jobs handed over before it (so the
+        meters and ``done`` agree); the timing state is taken now, on this thread."""
+        scorer.submit(resume.save, meters, timer.state_dict(), done)
+        if wait:
+            scorer.join()
 
     try:
         with responsive_gil(spec.workers > 0):
@@ -472,8 +476,7 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
     finally:
         scorer.close()
     bar.close()
-    if todo:
-        checkpoint()
+    scorer.join()  # every query scored; no final save: the record is written next
     if size > 1:
         meters, timer = _gather(spec, manifest, meters, timer)
     return meters, timer, n_total
@@ -495,9 +498,9 @@ def _episodes(spec: BenchSpec, method: Method, loader: EpisodeLoader, todo: list
             scorer.submit(*job)
         pending.clear()
 
-    def save() -> None:
+    def save(wait: bool = False) -> None:
         flush()
-        checkpoint()
+        checkpoint(wait)
 
     for ep, support, queries in loader.iterate(todo, spec.workers):
         seed_everything(support.seed)
@@ -508,7 +511,7 @@ def _episodes(spec: BenchSpec, method: Method, loader: EpisodeLoader, todo: list
         except FdsError:
             raise
         except Exception as e:  # noqa: BLE001 - a plugin's bug: name where it happened
-            save()
+            save(wait=True)
             raise _method_failure(method.name, "prepare", ep, None, e) from e
         for query, gt in queries:
             qid = query.id
@@ -521,7 +524,7 @@ def _episodes(spec: BenchSpec, method: Method, loader: EpisodeLoader, todo: list
             except FdsError:
                 raise
             except Exception as e:  # noqa: BLE001
-                save()
+                save(wait=True)
                 raise _method_failure(method.name, "predict", ep, qid, e) from e
             pending.append((score, host_array(pred), query, gt, ep))
             bar.update(1)

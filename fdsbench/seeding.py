@@ -26,6 +26,7 @@ def seed_everything(seed: int) -> None:
     except ImportError:
         return
     torch.random.default_generator.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
+    if torch.cuda.is_available():  # else its lazy seeding formats a stack trace per call, for nothing
+        torch.cuda.manual_seed_all(seed)
     if torch.backends.mps.is_available():
         torch.mps.manual_seed(seed)

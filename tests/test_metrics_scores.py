@@ -178,7 +178,7 @@ def test_large_random_against_sklearn():
     f1r, tr = sk_f1max(y, s)
     assert abs(f1 - f1r) < TOL and t == pytest.approx(tr)
     b = BinnedScores(10000)
-    b.update(s, y, np.zeros(int(y.sum()), np.int64), np.array([int(y.sum())]))
+    b.update(s, np.flatnonzero(y), np.zeros(int(y.sum()), np.int64), np.array([int(y.sum())]))
     r = b.compute()
     assert abs(r["pixel_auroc"] - auroc_exact(pos, neg)) <= r["pixel_auroc_error_bound"]
     assert r["pixel_auroc_error_bound"] < 0.01

@@ -229,3 +229,31 @@ def test_cross_dataset_training(synthetic, tmp_path):
     assert rec["trained_on"]["objects"] == "base folds"
     with pytest.raises(FdsError, match="not trained: --train-dataset does not apply"):
         run(spec(tmp_path / "w3", train_dataset="synthetic"))
+
+
+@pytest.mark.parametrize("scores", ["exact", "binned"])
+def test_method_failure_mid_episode_resumes_with_identical_numbers(synthetic, tmp_path, scores):
+    """A method that raises on the second query of an episode: the queries of that episode scored
+    before the failure must not enter the saved state (the episode is redone on resume)."""
+    kw = dict(protocol="per_support", max_episodes=3, score_mode=scores, workers=2)
+    CALLS.update(prepare=0, predict=0, fail_at=None)
+    reference = run(spec(tmp_path / "ref", **kw), log=lambda m: None)[0]
+    per_episode = CALLS["predict"] // 3
+    assert per_episode >= 2
+    fail = {"at": per_episode + 2}  # second query of the second episode, once
+
+    @register_method("flaky_raise")
+    class Raises(FlakyMean):
+        def predict(self, state, query):
+            if CALLS["predict"] + 1 == fail["at"]:
+                fail["at"] = None
+                raise RuntimeError("boom")
+            return super().predict(state, query)
+
+    CALLS.update(prepare=0, predict=0, fail_at=None)
+    with pytest.raises(FdsError, match="boom"):
+        run(spec(tmp_path / "resume", **{**kw, "method": "flaky_raise"}), log=lambda m: None)
+    CALLS.update(prepare=0, predict=0, fail_at=None)
+    resumed = run(spec(tmp_path / "resume", **{**kw, "method": "flaky_raise"}), log=lambda m: None)[0]
+    assert resumed["metrics"] == reference["metrics"]
+    assert CALLS["prepare"] == 2  # the first episode was saved; the failed one is redone

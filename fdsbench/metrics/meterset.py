@@ -29,10 +29,11 @@ import math
 import re
 
 import numpy as np
+from scipy import ndimage
 
 from ..errors import FdsError
 from .scores import BinnedScores, aupro_exact, auroc_exact, f1max_exact
-from .segmentation import AREA_EDGES, RATIO_EDGES, confusion, segmentation_metrics
+from .segmentation import AREA_EDGES, RATIO_EDGES, segmentation_metrics
 
 STATE_VERSION = 1
 _ROW_INT = ("tp", "fp", "fn", "tn", "n_regions")
@@ -177,14 +178,14 @@ class MeterSet:
                                f"return probabilities, or declare logits=True to apply a sigmoid")
             pred = p > th
             img_score = hi if self.config["image_score"] == "max" else self._score_fn(p, pred)
-        tp, fp, fn, tn = confusion(pred, g)
-        row = {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "image_score": float(img_score),
-               "n_regions": 0}
+        pos_idx = np.flatnonzero(g)  # the ground-truth pixels, row-major
+        P, n_pred = int(pos_idx.size), int(np.count_nonzero(pred))
+        tp = int(np.count_nonzero(pred.ravel()[pos_idx]))
+        row = {"tp": tp, "fp": n_pred - tp, "fn": P - tp, "tn": g.size - n_pred - P + tp,
+               "image_score": float(img_score), "n_regions": 0}
         mode = self.config["score_mode"]
         if mode != "off":
-            lab = g.ravel()
-            if tp + fn:
-                from scipy import ndimage
+            if P:
                 st = np.ones((3, 3), bool) if self.config["connectivity"] == 8 else None
                 rows_ = np.flatnonzero(g.any(axis=1))
                 cols_ = np.flatnonzero(g.any(axis=0))
@@ -200,14 +201,13 @@ class MeterSet:
                 # float32 maps are stored as float32, anything wider as float64: no two scores that
                 # differ in the input are tied in storage, so exact mode is exact (error bound 0)
                 scores = p.astype(np.float32 if p.dtype == np.float32 else np.float64).ravel()  # a copy we own
-                pos_idx = np.flatnonzero(lab).astype(np.int32)  # images < 2**31 pixels
-                self._chunks[key] = (scores, pos_idx, sizes[reg].astype(np.int32))
+                self._chunks[key] = (scores, pos_idx.astype(np.int32), sizes[reg].astype(np.int32))  # < 2**31 px
             else:
                 q = _sigmoid(p).ravel() if self.config["logits"] else p.ravel()  # bins live in [0, 1]
-                self._binned.update(q, lab, reg, sizes)
+                self._binned.update(q, pos_idx, reg, sizes)
                 if self.config["per_class_scores"]:
                     self._binned_pc.setdefault(key[2], BinnedScores(self.config["bins"])).update(
-                        q, lab, reg, sizes)
+                        q, pos_idx, reg, sizes)
         self._rows[key] = row
 
     # ---- state ---------------------------------------------------------------------------------

@@ -180,15 +180,16 @@ class BinnedScores:
         self.pro = np.zeros(self.bins, np.int64)  # sum over regions of round(2**40 * c_rb / |r|)
         self.n_regions = 0
 
-    def update(self, scores: np.ndarray, labels: np.ndarray, region_of_pos: np.ndarray,
+    def update(self, scores: np.ndarray, pos_idx: np.ndarray, region_of_pos: np.ndarray,
                region_sizes: np.ndarray) -> None:
-        """``scores`` float [n]; ``labels`` bool [n]; ``region_of_pos`` the region index (0..R_i-1)
-        of each positive pixel in order; ``region_sizes`` [R_i] pixel counts."""
+        """``scores`` float [n]; ``pos_idx`` the indices of the positive pixels, ascending;
+        ``region_of_pos`` the region index (0..R_i-1) of each of them; ``region_sizes`` [R_i]
+        pixel counts."""
         B = self.bins
         s = scores if scores.dtype in (np.float32, np.float64) else scores.astype(np.float64)
         idx = (s * s.dtype.type(B)).astype(np.intp)  # floor for s >= 0; 1.0 -> B (folded below)
-        pb = idx[labels]
-        idx[labels] += B + 1  # one bincount for both classes: [neg 0..B | pos 0..B]
+        pb = idx[pos_idx]
+        idx[pos_idx] += B + 1  # one bincount for both classes: [neg 0..B | pos 0..B]
         h = np.bincount(idx, minlength=2 * (B + 1))
         h[B - 1] += h[B]
         h[2 * B] += h[2 * B + 1]
