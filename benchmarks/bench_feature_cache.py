@@ -1,12 +1,31 @@
 """Backbone forward calls and wall time with and without the frozen-feature cache, in one run.
 
-    python benchmarks/bench_feature_cache.py [--episodes 200] [--encoder resnet18] [--size 256]
-                                             [--fold 0] [--shot 1] [--device cpu]
+    python benchmarks/bench_feature_cache.py [--mode methods] [--episodes 8] [--runs 3] [--image-size 128]
+                                             [--rows nr,plain] [--fold 0] [--shot 1]
+    python benchmarks/bench_feature_cache.py --mode encoder [--episodes 200] [--encoder resnet18] [--size 256]
 
-Workload (what a SOFS-style method encodes; sofs.md §2, protocol-sofs.md §5): the FSS episode
-manifests of the synthetic dataset (datasets/synthetic.py, generated offline) for one fold, seeds
-0, 1, 2, ... (the repeated test runs) concatenated until ``--episodes`` episodes. Per episode
-the encoder sees
+``--mode methods`` (default): the comparison of the SOFS tables on one manifest. The real
+``prepare`` / ``predict`` of SOFS, PFENet and HDMNet (their ``test`` presets, heads random, all on the
+same frozen encoder: random-init ResNet-18, merged layer2+3 with ``--merge-dim`` channels, inputs of
+``--image-size`` px, CPU) run on the first ``--episodes`` episodes of each of the synthetic FSS
+manifests of seeds 0 .. ``--runs``-1 of one fold (the repeated test runs). Two sets of rows:
+
+* ``nr``: SOFS, PFENet+NR and HDMNet+NR (SOFS Tables 1/2 "+NR+MNDL" rows): native-resolution windows
+  of the protocol's crop size (PFENet's ``window`` set to it; its default is ``image_size``), support
+  crops of the manifest;
+* ``plain``: SOFS, PFENet and HDMNet as the tables' plain rows (PFENet and HDMNet resize whole
+  images, ``test_path=resize`` / ``nr=False``).
+
+Per set, three passes over the same episodes (methods one after the other, as ``make bench`` runs them):
+  A. no cache (the backbone on every batch: what running the methods separately costs today);
+  B. a cache per method (memory, emptied between methods: within-method repeats only);
+  C. the shared cache of ``make bench``: memory emptied between methods (each method is its own
+     process there), the disk layer shared by all of them.
+Printed: backbone calls and images encoded per method and in total, wall time, the ratios A/C and
+B/C, and whether every output of B and C equals A's (sha256 of the probability maps).
+
+``--mode encoder``: one encoder on the windows and crops of the episodes (what a SOFS-style method
+encodes; sofs.md §2, protocol-sofs.md §5). Per episode the encoder sees
 
 * the support: each defect-centred crop box of the manifest (``--size`` px, native resolution), or
   the whole image resized to ``--size`` (longest side, zero padded) when the manifest keeps it whole;
@@ -15,7 +34,7 @@ the encoder sees
 
 Three passes over the same episodes, same process, same inputs:
   A. no cache: ``bb.forward_features`` on every batch;
-  B. ``CachedBackbone(bb)`` in memory (fresh): repeats of a window/crop/support are not encoded again;
+  B. ``CachedBackbone(bb)`` in memory (fresh): repeats of a window/crop/support batch are not encoded again;
   C. a second fresh ``CachedBackbone`` on the on-disk dir filled by B ("the next run of the same
      manifest").
 A and B are interleaved batch by batch (alternating which goes first), so both see the same load
@@ -141,9 +160,112 @@ def run_interleaved(encoders, eps, images, size, device, keep=0):
     return res
 
 
+# ---- methods mode: SOFS, PFENet and HDMNet on one manifest ------------------------------------------
+#: (method, label, overrides of its ``test`` preset); window None = the protocol's crop size
+ROWS = {
+    "nr": (("sofs", "sofs", {}),
+           ("pfenet", "pfenet+NR", {"test_path": "sliding", "nr": True, "dice": "mndl", "window": None}),
+           ("hdmnet", "hdmnet+NR", {"nr": True})),
+    "plain": (("sofs", "sofs", {}),
+              ("pfenet", "pfenet", {"test_path": "resize"}),
+              ("hdmnet", "hdmnet", {"nr": False})),
+}
+
+
+def method_episodes(n_episodes: int, runs: int, fold: int, shot: int):
+    """The first ``n_episodes`` episodes of the synthetic FSS manifests of seeds 0 .. runs-1 (the
+    repeated test runs of ``make bench RUNS=...``), decoded once."""
+    from fdsbench import episodes as E
+    from fdsbench.datasets.synthetic import Synthetic
+    from fdsbench.loading import EpisodeLoader
+    from fdsbench.registry import get_method
+
+    ds = Synthetic()
+    proto = E.protocol_for(ds, "fss", shot, fold)
+    data = []
+    for seed in range(runs):
+        manifest = E.Manifest(E.generate(ds, fold, shot, seed, proto))
+        loader = EpisodeLoader(ds, get_method("sofs"), manifest)
+        for ep in manifest.episodes[:n_episodes]:
+            data.append((loader.support(ep), [loader.query(q) for q in ep.queries]))
+    return data, proto
+
+
+def run_methods(rows, data, encoder: dict, cache: str, disk_dir):
+    """One pass: each row's prepare/predict on every episode. ``cache``: off | per_method | shared."""
+    import hashlib
+
+    from fdsbench.blocks import features as FC
+    from fdsbench.config import build_config
+    from fdsbench.registry import get_method
+
+    if cache == "off":
+        FC.disable_shared()
+    else:
+        FC.enable_shared(disk_dir if cache == "shared" else None)
+    counts, digests = [], []
+    t0 = time.perf_counter()
+    for name, label, over in rows:
+        FC.shared_store().clear()  # memory emptied between methods (one process per method in make bench)
+        cls = get_method(name)
+        over = {**encoder, **{k: (data[0][0].crop_size if k == "window" and v is None else v) for k, v in over.items()}}
+        m = cls(build_config(cls.Config, cls.presets, "test", over), device="cpu")
+        for support, queries in data:
+            state = m.prepare(support)
+            digests += [hashlib.sha256(m.predict(state, q).tobytes()).hexdigest() for q in queries]
+        st = m.model.feature_cache.stats()
+        counts.append((label, st["forward_calls"], st["images"]))
+    wall = time.perf_counter() - t0
+    FC.disable_shared()
+    return counts, digests, wall
+
+
+def methods_main(args):
+    n = args.episodes or 8
+    encoder = {"backbone": "resnet18", "weights": "random", "layers": (2, 3), "merge_dim": args.merge_dim,
+               "image_size": args.image_size}
+    t0 = time.perf_counter()
+    data, proto = method_episodes(n, args.runs, args.fold, args.shot)
+    queries = [q.id for _, qs in data for q in qs]
+    print(f"workload: the first {n} FSS episodes of each of {args.runs} synthetic manifests (fold {args.fold}, "
+          f"{args.shot}-shot, seeds 0..{args.runs - 1}): {len(data)} episodes, {len(queries)} queries "
+          f"({len(set(queries))} distinct), support crops {proto.get('crop_size')} px; "
+          f"methods at their test presets on one encoder: resnet18 (random init) merged layer2+3 "
+          f"({args.merge_dim} ch) at {args.image_size} px, cpu, torch threads {torch.get_num_threads()}; "
+          f"setup {time.perf_counter() - t0:.1f}s")
+    for key in [r.strip() for r in args.rows.split(",") if r.strip()]:
+        rows = ROWS[key]
+        disk = tempfile.mkdtemp(prefix="fdsbench-featcache-")
+        passes = [("A no cache", *run_methods(rows, data, encoder, "off", None)),
+                  ("B cache per method", *run_methods(rows, data, encoder, "per_method", None)),
+                  ("C shared cache", *run_methods(rows, data, encoder, "shared", disk))]
+        shutil.rmtree(disk, ignore_errors=True)
+        labels = [label for _, label, _ in rows]
+        print(f"\nrows '{key}': {', '.join(labels)}  (cells: backbone calls / images encoded)")
+        print(f"{'pass':<20}" + "".join(f"{lab:>16}" for lab in labels) + f"{'total':>16}{'wall s':>9}")
+        totals = {}
+        for name, counts, _, wall in passes:
+            calls, imgs = sum(c for _, c, _ in counts), sum(i for _, _, i in counts)
+            totals[name[0]] = (calls, imgs)
+            print(f"{name:<20}" + "".join(f"{f'{c} / {i}':>16}" for _, c, i in counts)
+                  + f"{f'{calls} / {imgs}':>16}{wall:>9.1f}")
+        (ac, ai), (bc, bi), (cc, ci) = totals["A"], totals["B"], totals["C"]
+        print(f"ratio A/C (no cache / shared cache): backbone calls {ac / max(cc, 1):.2f}x, "
+              f"images {ai / max(ci, 1):.2f}x; "
+              f"B/C (cache per method / shared): calls {bc / max(cc, 1):.2f}x, images {bi / max(ci, 1):.2f}x")
+        ref = passes[0][2]
+        print(f"outputs (sha256 of {len(ref)} probability maps): B == A {passes[1][2] == ref}, "
+              f"C == A {passes[2][2] == ref}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--episodes", type=int, default=200)
+    ap.add_argument("--mode", choices=("methods", "encoder"), default="methods")
+    ap.add_argument("--episodes", type=int, default=0, help="default: 8 per manifest (methods), 200 (encoder)")
+    ap.add_argument("--runs", type=int, default=3, help="methods mode: manifests (test seeds) 0..runs-1")
+    ap.add_argument("--rows", default="nr,plain", help="methods mode: comma list of nr, plain")
+    ap.add_argument("--image-size", type=int, default=128, help="methods mode: model input side")
+    ap.add_argument("--merge-dim", type=int, default=64, help="methods mode: channels of the merged layer2+3")
     ap.add_argument("--encoder", default="resnet18")
     ap.add_argument("--layers", default=None, help="comma list; default layer2,layer3 (ResNet) / 5..10 (ViT)")
     ap.add_argument("--size", type=int, default=256, help="crop/window size (synthetic protocol: 256)")
@@ -155,6 +277,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mode == "methods":
+        return methods_main(args)
+    args.episodes = args.episodes or 200
     if args.layers:
         layers = tuple(int(v) if v.lstrip("-").isdigit() else v for v in args.layers.split(","))
     else:
@@ -184,15 +309,15 @@ def main(argv=None):
     worst = max((fa - fb).abs().max().item() for ka, kb in zip(a["kept"], b["kept"]) for fa, fb in zip(ka, kb))
     print(f"check: max |A - B| over the first 3 episodes' features = {worst:.2e}")
     rows = [("A no cache", a["calls"], a["images"], a["encoder"], a["wall"]),
-            ("B cache (memory)", sb["forward_calls"], sb["misses"], b["encoder"], b["wall"]),
-            ("C next run (disk)", sc["forward_calls"], sc["misses"], c["encoder"], c["wall"])]
+            ("B cache (memory)", sb["forward_calls"], sb["images"], b["encoder"], b["wall"]),
+            ("C next run (disk)", sc["forward_calls"], sc["images"], c["encoder"], c["wall"])]
     print(f"{'pass':<19}{'backbone calls':>15}{'images encoded':>16}{'encoder s':>11}{'wall s':>9}")
     for name, calls, imgs, enc_s, wall in rows:
         print(f"{name:<19}{calls:>15}{imgs:>16}{enc_s:>11.2f}{wall:>9.2f}")
-    print(f"B: {sb['hits']} memory hits of {b['images']} requested images, {sb['bytes'] / 2**20:.0f} MiB held; "
+    print(f"B: {sb['hits']} memory hits of {b['calls']} requested batches, {sb['bytes'] / 2**20:.0f} MiB held; "
           f"C: {sc['disk_hits']} disk hits")
     print(f"ratio A/B (no cache / cache, same run): backbone calls {a['calls'] / max(sb['forward_calls'], 1):.2f}x, "
-          f"images encoded {a['images'] / max(sb['misses'], 1):.2f}x, encoder time {a['encoder'] / b['encoder']:.2f}x, "
+          f"images encoded {a['images'] / max(sb['images'], 1):.2f}x, encoder time {a['encoder'] / b['encoder']:.2f}x, "
           f"wall {a['wall'] / b['wall']:.2f}x")
     print(f"ratio A/C (no cache / next run from disk): encoder time {a['encoder'] / c['encoder']:.2f}x, "
           f"wall {a['wall'] / c['wall']:.2f}x")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdsbench.blocks.backbones.deep_resnet import build_deep_resnet
+from fdsbench.blocks.features import CachedBackbone, frozen_encoder
 from fdsbench.blocks.masks import weighted_gap
 from fdsbench.blocks.matching import merge_block, reduce_block, semantic_prior
 
@@ -295,12 +296,13 @@ class IndustrialHDMNet(MetaLearner):
     def __init__(self, backbone: nn.Module, features: Callable, fea_dims: Sequence[int], **kw):
         super().__init__(sum(fea_dims), len(fea_dims), **kw)
         self.backbone = backbone
+        self.feature_cache = CachedBackbone.shared(backbone)  # test-time forwards, shared by methods
         self._features = features
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         self.backbone.eval()
-        return [f.float() for f in self._features(self.backbone, x)]
+        return [f.float() for f in self._features(frozen_encoder(self), x)]
 
     @staticmethod
     def _mid(feats: list[torch.Tensor]) -> torch.Tensor:

@@ -33,6 +33,7 @@ from torch import nn
 
 from fdsbench import weights as W
 from fdsbench.blocks.backbones import build_backbone
+from fdsbench.blocks.features import CachedBackbone, frozen_encoder
 from fdsbench.blocks.losses import dice_loss, mixed_normal_dice_loss
 from fdsbench.blocks.masks import downsample_keep_small, weighted_gap
 from fdsbench.errors import FdsError
@@ -263,14 +264,15 @@ class TapPFENet(PFENetHead):
     def __init__(self, backbone: nn.Module, taps, tap_dims: Sequence[int], **head):
         super().__init__(int(sum(tap_dims)), **head)
         self.backbone = backbone
+        self.feature_cache = CachedBackbone.shared(backbone)  # test-time forwards, shared by methods
         self.taps = taps
 
     def query_features(self, x):
-        feats = self.taps(self.backbone, x)
+        feats = self.taps(frozen_encoder(self), x)
         return torch.cat(feats, 1), feats
 
     def support_features(self, x, mask):
-        feats = self.taps(self.backbone, x)
+        feats = self.taps(frozen_encoder(self), x)
         return torch.cat(feats, 1), feats, self.down_mask(mask, feats[0].shape[-2:], record=True)
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdsbench.blocks.features import CachedBackbone, frozen_encoder
 from fdsbench.blocks.masks import downsample_mask, weighted_gap
 from fdsbench.blocks.matching import TransformerEncoderLayer, merge_block, reduce_block, semantic_prior
 
@@ -211,6 +212,7 @@ class SOFS(nn.Module):
                  meta_cls: bool = True, fusion: str = "nonlearnable"):
         super().__init__()
         self.backbone = backbone
+        self.feature_cache = CachedBackbone.shared(backbone)  # test-time forwards, shared by methods
         self._features = features
         self.patch = int(patch)
         self.mask_downsample = mask_downsample
@@ -224,7 +226,7 @@ class SOFS(nn.Module):
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Frozen backbone features of a batch of prepared images."""
         self.backbone.eval()
-        return [f.float() for f in self._features(self.backbone, x)]
+        return [f.float() for f in self._features(frozen_encoder(self), x)]
 
     def down(self, mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """Support/target mask [n,1,H,W] -> feature resolution (PFIM, bilinear or nearest)."""
