@@ -631,8 +631,11 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
         raise FdsError(f"method '{method.name}' does not support few-shot anomaly detection (protocol fad)")
     proto = protocol_for(ds, proto_name, spec.shot, spec.fold, spec.protocol_options)
     ckpt, trained_on = fit_or_load(spec, method, ds, proto, log)
+    from .blocks.features import share_features  # frozen features shared by the methods of the workdir
+
     speed = {**accelerate(method, spec.device, spec.compile, spec.channels_last, spec.cudnn_benchmark),
-             "warmup_per_shape": spec.warmup_per_shape, "autocast": getattr(method, "autocast", None)}
+             "warmup_per_shape": spec.warmup_per_shape, "autocast": getattr(method, "autocast", None),
+             "feature_cache": share_features(method, Path(spec.workdir) / "cache" / "features")}
     seed_everything(derive_seed(method.name, "build"))  # a method that builds lazily (weights provenance)
     identity = run_identity(spec, method, trained_on, proto)  # inits the same way in every run
     records = []
