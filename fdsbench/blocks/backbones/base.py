@@ -9,6 +9,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ...errors import FdsError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -80,6 +82,23 @@ class BackboneMixin:
 
     def normalize_layers(self, layers) -> tuple:
         raise NotImplementedError
+
+    def named_stages(self, layers, stages: tuple[str, ...], first: int) -> tuple[str, ...]:
+        """``layers`` as stage names for encoders whose taps are the named stages ``stages``, which an
+        integer may also name (``first`` numbers ``stages[0]``); ``None`` asks for the last stage."""
+        if layers is None:
+            return (stages[-1],)
+        if isinstance(layers, (str, int)):
+            layers = (layers,)
+        out = []
+        for layer in layers:
+            if isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer - first < len(stages):
+                layer = stages[layer - first]
+            if layer not in stages:
+                raise FdsError(f"{self.name}: unknown feature layer {layer!r}; use one of {', '.join(stages)} "
+                               f"(or {first}..{first + len(stages) - 1})")
+            out.append(layer)
+        return tuple(out)
 
     def feature_spec(self, layers, height: int, width: int) -> list[tuple[int, int, int]]:
         """(channels, h, w) of each requested map for an input of ``height`` x ``width``."""

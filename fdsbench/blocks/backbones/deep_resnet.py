@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
-from ...errors import FdsError
 from .base import BackboneMixin
 
 STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")
@@ -78,18 +77,7 @@ class DeepBaseResNet(BackboneMixin, nn.Module):
                 nn.init.zeros_(m.bias)
 
     def normalize_layers(self, layers) -> tuple[str, ...]:
-        if layers is None:
-            return ("layer4",)
-        if isinstance(layers, (str, int)):
-            layers = (layers,)
-        out = []
-        for layer in layers:
-            if isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer <= 4:
-                layer = f"layer{layer}"
-            if layer not in STRIDES:
-                raise FdsError(f"{self.name}: unknown feature layer {layer!r}; use one of {', '.join(STAGES)} (or 0..4)")
-            out.append(layer)
-        return tuple(out)
+        return self.named_stages(layers, STAGES, 0)
 
     def feature_spec(self, layers, height: int, width: int):
         spec = []

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import weights as W
-from ...errors import FdsError, WeightsError
+from ...errors import WeightsError
 from ...io import atomic_write_bytes
 from .base import IMAGENET_MEAN, IMAGENET_STD, BackboneMixin
 
@@ -60,19 +60,7 @@ class VGG16HED(BackboneMixin, nn.Module):
         self.strides = dict(STRIDES)
 
     def normalize_layers(self, layers) -> tuple[str, ...]:
-        if layers is None:
-            return ("conv5",)
-        if isinstance(layers, (str, int)):
-            layers = (layers,)
-        out = []
-        for layer in layers:
-            if isinstance(layer, int) and not isinstance(layer, bool) and 1 <= layer <= 5:
-                layer = f"conv{layer}"
-            if layer not in STRIDES:
-                raise FdsError(f"{self.name}: unknown feature layer {layer!r}; use one of "
-                               f"{', '.join(STAGES)} (or 1..5)")
-            out.append(layer)
-        return tuple(out)
+        return self.named_stages(layers, STAGES, 1)
 
     def feature_spec(self, layers, height: int, width: int):
         spec = []
