@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import cv2
 import numpy as np
 
 from .data import DatasetAdapter, resize_bilinear
@@ -64,8 +65,6 @@ def _opencv_decodes_like_pillow(data: bytes) -> bool:
 
 def decode_image(path: str | Path) -> np.ndarray:
     """RGB uint8 [H, W, 3], writable; pixel-identical to :func:`fdsbench.io.read_image`, faster."""
-    import cv2
-
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:

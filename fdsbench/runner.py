@@ -90,9 +90,20 @@ class BenchSpec:
     warmup_per_shape: bool = False  # an untimed predict before the first query of each new size
 
 
-def _progress(iterable=None, total=None, desc="", enabled=True, initial=0):
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, initial=initial, leave=False,
-                dynamic_ncols=True, file=sys.stderr)
+class _Silent:
+    """The progress bar of a run without one (a disabled tqdm still builds a multiprocessing lock)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
+    if not enabled:
+        return _Silent()
+    return tqdm(total=total, desc=desc, initial=initial, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -154,8 +165,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def validate_prediction(pred, query: Query, method: str) -> np.ndarray:
-    """The contract's output check: float map at the query's original size, finite, in [0, 1]."""
+def validate_prediction(pred, query: Query, method: str) -> tuple[np.ndarray, tuple[float, float]]:
+    """The contract's output check: float map at the query's original size, finite, in [0, 1].
+    Returns the map as float32 and its (min, max), which the meters reuse."""
     try:
         import torch
 
@@ -179,7 +191,7 @@ def validate_prediction(pred, query: Query, method: str) -> np.ndarray:
         raise FdsError(f"method '{method}' returned values in [{lo:.3g}, {hi:.3g}] for query "
                        f"{query.id}; predict() must return probabilities in [0, 1] (apply the sigmoid/softmax "
                        f"the paper uses inside the method)")
-    return pred.astype(np.float32, copy=False)
+    return pred.astype(np.float32, copy=False), (float(np.float32(lo)), float(np.float32(hi)))
 
 
 #: protocols whose papers report scores per category, then the mean over categories (SOFS's FAD
@@ -457,11 +469,12 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
     scorer = OrderedWorker(enabled=spec.workers > 0)
 
     def score(pred, query: Query, gt, ep: Episode) -> None:
-        pred = validate_prediction(pred, query, method.name)
+        pred, value_range = validate_prediction(pred, query, method.name)
         if gt is None:  # predict-only query: keep the map, score nothing
             save_prediction(Path(spec.workdir) / "predictions" / rid, query.id, pred)
         else:
-            meters.update(pred, gt, class_key=ep.class_key, episode=ep.index, query_id=query.id)
+            meters.update(pred, gt, class_key=ep.class_key, episode=ep.index, query_id=query.id,
+                          value_range=value_range)
 
     def checkpoint(wait: bool) -> None:
         """Save progress on the scorer thread, after the scoring jobs handed over before it (so the

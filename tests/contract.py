@@ -40,7 +40,7 @@ def small_episode(ds, method_cls, shot: int, protocol: str = "fss"):
 def run_once(method, support, queries, seed=0):
     seed_everything(seed)
     state = method.prepare(support)
-    return [validate_prediction(method.predict(state, q), q, method.name) for q in queries]
+    return [validate_prediction(method.predict(state, q), q, method.name)[0] for q in queries]
 
 
 def check_method(cls, ds) -> None:

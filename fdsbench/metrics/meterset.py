@@ -135,8 +135,10 @@ class MeterSet:
         self._binned_pc: dict[str, BinnedScores] = {}  # per class, with per_class_scores
 
     # ---- feeding -------------------------------------------------------------------------------
-    def update(self, prob, gt, class_key: str, episode: int, query_id: str) -> None:
-        """Add one query: ``prob`` float [H, W] in [0, 1] (numpy or torch), ``gt`` bool [H, W]."""
+    def update(self, prob, gt, class_key: str, episode: int, query_id: str,
+               value_range: tuple[float, float] | None = None) -> None:
+        """Add one query: ``prob`` float [H, W] in [0, 1] (numpy or torch), ``gt`` bool [H, W].
+        ``value_range``: the (min, max) of ``prob`` where the caller has computed it already."""
         qid = str(query_id)
         key = (int(episode), qid, str(class_key))
         if key in self._rows:
@@ -172,7 +174,7 @@ class MeterSet:
             else:
                 img_score = self._score_fn(_sigmoid(p), pred)
         else:
-            lo, hi = float(np.min(p)), float(np.max(p))
+            lo, hi = value_range or (float(np.min(p)), float(np.max(p)))
             if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
                 raise FdsError(f"query '{qid}': prediction values in [{lo}, {hi}] are outside [0, 1]; "
                                f"return probabilities, or declare logits=True to apply a sigmoid")

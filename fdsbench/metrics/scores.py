@@ -136,6 +136,13 @@ def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg: np.ndarray, n_regi
     return min(1.0, area / fpr_limit)
 
 
+def _exact_dot(a: np.ndarray, b: np.ndarray) -> int:
+    """sum(a * b) of non-negative int64 vectors as an exact integer (int64 while it cannot overflow)."""
+    if int(a.sum()) * int(b.max(initial=0)) < 2 ** 63:
+        return int(np.dot(a, b))
+    return sum(x * y for x, y in zip(a.tolist(), b.tolist()))
+
+
 def _integrate(fb, fa, pb, pa, limit):
     """Area under the piecewise-linear curve with segments (fb, pb) -> (fa, pa) (FPR ascending,
     contiguous), from FPR 0 to ``limit`` with linear interpolation at the limit; and the in-box
@@ -228,19 +235,14 @@ class BinnedScores:
 
     def compute(self, fpr_limit: float = 0.3) -> dict:
         B = self.bins
-        pos = [int(v) for v in self.pos]
-        neg = [int(v) for v in self.neg]
-        P, N = sum(pos), sum(neg)
+        P, N = int(self.pos.sum()), int(self.neg.sum())
         out = {"pixel_auroc": None, "pixel_auroc_error_bound": None,
                "pixel_f1_max": None, "pixel_f1_threshold": None, "pixel_f1_max_error_bound": None,
                "aupro": None, "aupro_error_bound": None}
         # ---- AUROC (integers, exact given the bins)
         if P and N:
-            below, num, same = 0, 0, 0
-            for b in range(B):
-                num += pos[b] * (2 * below + neg[b])
-                same += pos[b] * neg[b]
-                below += neg[b]
+            weight = 2 * (np.cumsum(self.neg) - self.neg) + self.neg  # 2 * negatives below + in the bin
+            num, same = _exact_dot(self.pos, weight), _exact_dot(self.pos, self.neg)
             out["pixel_auroc"] = _exact_div(num, 2 * P * N)
             out["pixel_auroc_error_bound"] = _exact_div(same, 2 * P * N)
         # ---- F1-max at the bin edges ("score >= b/B")
