@@ -24,7 +24,7 @@ import queue
 import sys
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -84,13 +84,16 @@ def decode_image(path: str | Path) -> np.ndarray:
 
 class DecodedCache:
     """Thread-safe LRU of decoded arrays bounded by ``max_bytes`` (0 disables it). ``get`` returns
-    the cached array itself: callers that hand it to a method copy it first."""
+    the cached array itself: callers that hand it to a method copy it first. A key being decoded by
+    one thread is waited for by the others, not decoded twice (the next episodes' supports are
+    often queries already in flight)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
         self._items: collections.OrderedDict = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._in_flight: dict = {}
         self.hits = self.misses = 0
 
     def get(self, key, make: Callable[[], np.ndarray]) -> np.ndarray:
@@ -99,18 +102,35 @@ class DecodedCache:
                 self._items.move_to_end(key)
                 self.hits += 1
                 return self._items[key]
-            self.misses += 1
-        value = make()  # outside the lock: other threads keep decoding meanwhile
-        if self.max_bytes <= 0 or value.nbytes > self.max_bytes:
-            return value
-        value.setflags(write=False)  # a cached array is shared: nobody may change it
+            pending = self._in_flight.get(key)
+            if pending is None:
+                self.misses += 1
+                pending = self._in_flight[key] = Future()
+                pending.set_running_or_notify_cancel()
+                owner = True
+            else:
+                self.hits += 1
+                owner = False
+        if not owner:
+            return pending.result()
+        try:
+            value = make()  # outside the lock: other threads keep decoding meanwhile
+        except BaseException as e:
+            with self._lock:
+                del self._in_flight[key]
+            pending.set_exception(e)
+            raise
+        if 0 < value.nbytes <= self.max_bytes:
+            value.setflags(write=False)  # a cached array is shared: nobody may change it
         with self._lock:
-            if key not in self._items:
+            del self._in_flight[key]
+            if 0 < value.nbytes <= self.max_bytes:
                 self._items[key] = value
                 self._bytes += value.nbytes
                 while self._bytes > self.max_bytes:
                     _, old = self._items.popitem(last=False)
                     self._bytes -= old.nbytes
+        pending.set_result(value)
         return value
 
     def __len__(self) -> int:

@@ -78,6 +78,38 @@ def test_cache_is_bounded_and_shared_arrays_are_read_only():
     assert cache.hits == 1
 
 
+def test_cache_decodes_a_key_in_flight_once():
+    """Threads asking for an image another thread is decoding wait for it; a failed decode fails
+    every waiter and is not cached."""
+    import threading
+
+    cache, started, release, calls = DecodedCache(max_bytes=10_000), threading.Event(), threading.Event(), []
+
+    def slow():
+        calls.append(1)
+        started.set()
+        release.wait(5)
+        return np.ones(100, np.uint8)
+
+    out = []
+    first = threading.Thread(target=lambda: out.append(cache.get("k", slow)))
+    first.start()
+    started.wait(5)
+    others = [threading.Thread(target=lambda: out.append(cache.get("k", slow))) for _ in range(3)]
+    for t in others:
+        t.start()
+    release.set()
+    for t in [first, *others]:
+        t.join(5)
+    assert len(calls) == 1 and len(out) == 4 and all(o is out[0] for o in out)
+
+    def broken():
+        raise ValueError("damaged file")
+    with pytest.raises(ValueError):
+        cache.get("bad", broken)
+    assert cache.get("bad", lambda: np.zeros(3, np.uint8)).shape == (3,)  # retried, not remembered
+
+
 def test_loader_hands_out_copies_in_manifest_order(synthetic, tmp_path):
     from fdsbench.episodes import get_manifest, resolve_protocol
 
