@@ -302,7 +302,7 @@ def main(argv=None):
     a, b = run_interleaved([lambda x: bb.forward_features(x, layers), lambda x: cache.forward_features(x, layers)],
                            eps, images, args.size, args.device, keep=3)
     sb = cache.stats()
-    cache2 = CachedBackbone(bb, max_bytes=int(args.max_bytes), disk_dir=cache.disk_dir)
+    cache2 = CachedBackbone(bb, max_bytes=int(args.max_bytes), disk_dir=cache.store.disk_dir)
     (c,) = run_interleaved([lambda x: cache2.forward_features(x, layers)], eps, images, args.size, args.device)
     sc = cache2.stats()
 
@@ -321,7 +321,7 @@ def main(argv=None):
           f"wall {a['wall'] / b['wall']:.2f}x")
     print(f"ratio A/C (no cache / next run from disk): encoder time {a['encoder'] / c['encoder']:.2f}x, "
           f"wall {a['wall'] / c['wall']:.2f}x")
-    shutil.rmtree(cache.disk_dir, ignore_errors=True)
+    shutil.rmtree(cache.store.disk_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
