@@ -80,3 +80,28 @@ def test_merge_refuses_duplicates_and_config_mismatch():
         run(qs[:2]).merge(run(qs[2:4], threshold=0.4))
     with pytest.raises(FdsError, match="score_mode"):
         MeterSet().load_state_dict(run(qs[:2], score_mode="binned").state_dict())
+
+
+@pytest.mark.parametrize("kw", [dict(score_mode="exact"), dict(score_mode="binned", per_class_scores=True),
+                                dict(score_mode="binned", logits=True, image_score="area"),
+                                dict(score_mode="exact", image_score="top1%")])
+def test_large_maps_scored_in_halves_give_the_same_numbers(kw, monkeypatch):
+    """Maps of SPLIT_PIXELS and more are counted and binned in two halves on two threads; with the
+    split moved out of reach the same queries give equal metrics (== on every value)."""
+    import fdsbench.metrics.meterset as ms
+
+    rng = np.random.default_rng(3)
+    qs = []
+    for i in range(3):
+        g = np.zeros((640, 900), bool)  # 576,000 px >= SPLIT_PIXELS
+        g[300 + 10 * i:340, 400:470 + i] = True  # a region across the halves' border (row 320)
+        g[5:9, 5:9] = i > 0
+        p = np.clip(rng.random(g.shape) * 0.6 + 0.3 * g, 0, 1).astype(np.float32)
+        if kw.get("logits"):
+            p = (p - 0.5) * 20
+        qs.append((p, g, "a/x" if i else "a/y", i, f"q{i}"))
+    assert qs[0][0].size >= ms.SPLIT_PIXELS
+    split = run(qs, **kw).compute()
+    monkeypatch.setattr(ms, "SPLIT_PIXELS", 10 ** 12)
+    whole = run(qs, **kw).compute()
+    assert split == whole

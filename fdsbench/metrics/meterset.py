@@ -25,8 +25,10 @@ edge cases (``None`` where undefined) and the binned-mode error bounds.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
@@ -59,20 +61,40 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
 
 
+SPLIT_PIXELS = 1 << 19
+"""Maps of this many pixels and more are scored in two halves on two threads (numpy releases the
+GIL): the counts and histograms of the halves add up exactly, so the numbers do not change."""
+
+
+@functools.cache
+def _helper() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="fdsbench-meter")
+
+
+def _in_halves(fn, n: int) -> list:
+    """``[fn(0, n)]``, or for large maps ``[fn(0, n // 2), fn(n // 2, n)]`` with the first half on a
+    helper thread while this thread does the second."""
+    if n < SPLIT_PIXELS:
+        return [fn(0, n)]
+    first = _helper().submit(fn, 0, n // 2)
+    second = fn(n // 2, n)
+    return [first.result(), second]
+
+
 def _image_score_fn(spec: str):
     if spec == "max":
-        return lambda p, pred: float(p.max())
+        return lambda p, n_pred: float(p.max())
     if spec == "mean":
-        return lambda p, pred: float(p.mean(dtype=np.float64))
+        return lambda p, n_pred: float(p.mean(dtype=np.float64))
     if spec == "area":
-        return lambda p, pred: float(np.count_nonzero(pred))
+        return lambda p, n_pred: float(n_pred)
     m = _TOPK.match(spec)
     if m:
         frac = float(m.group(1)) / 100.0
         if not 0 < frac <= 1:
             raise FdsError(f"image_score '{spec}': K must be in (0, 100]")
 
-        def topk(p, pred):
+        def topk(p, n_pred):
             flat = p.ravel()
             k = max(1, int(math.ceil(frac * flat.size)))
             part = np.partition(flat, flat.size - k)[flat.size - k:]
@@ -162,30 +184,49 @@ class MeterSet:
                                f"{g.dtype}; binarise the mask before scoring")
             g = g.astype(bool)
         p = p.astype(np.float64, copy=False) if p.dtype != np.float32 else p
-        th = self.config["threshold"]
-        if self.config["logits"]:
+        th, logits, mode = self.config["threshold"], self.config["logits"], self.config["score_mode"]
+        if logits:
             # rank on the logits themselves: a sigmoid stored in float32 saturates to 1.0 above ~17
             # and would tie every high score; thresholds map through logit(t)
             if not np.isfinite(p).all():
                 raise FdsError(f"query '{qid}': logits contain NaN or inf")
-            pred = p > (np.inf if th >= 1 else -np.inf if th <= 0 else np.log(th / (1.0 - th)))
-            if self.config["image_score"] == "max":
-                img_score = float(np.max(p))  # monotone in the probability: ranks as max sigmoid
-            else:
-                img_score = self._score_fn(_sigmoid(p), pred)
+            cut = np.inf if th >= 1 else -np.inf if th <= 0 else np.log(th / (1.0 - th))
+            hi = float(np.max(p))  # the image score "max" ranks as the max of the sigmoid
         else:
             lo, hi = value_range or (float(np.min(p)), float(np.max(p)))
             if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
                 raise FdsError(f"query '{qid}': prediction values in [{lo}, {hi}] are outside [0, 1]; "
                                f"return probabilities, or declare logits=True to apply a sigmoid")
-            pred = p > th
-            img_score = hi if self.config["image_score"] == "max" else self._score_fn(p, pred)
+            cut = th
         pos_idx = np.flatnonzero(g)  # the ground-truth pixels, row-major
-        P, n_pred = int(pos_idx.size), int(np.count_nonzero(pred))
-        tp = int(np.count_nonzero(pred.ravel()[pos_idx]))
+        flat = p.ravel()
+        # float32 maps are stored as float32, anything wider as float64: no two scores that differ in
+        # the input are tied in storage, so exact mode is exact (error bound 0)
+        scores = np.empty_like(flat) if mode == "exact" else None
+
+        def part(a: int, b: int):
+            """Pixels a..b-1: (predicted positive, true positive) counts, and the binned histogram
+            or the exact-mode copy of the scores."""
+            seg = flat[a:b]
+            i0, i1 = np.searchsorted(pos_idx, (a, b))
+            local = pos_idx[i0:i1] - a
+            above = seg > cut
+            counts = int(np.count_nonzero(above)), int(np.count_nonzero(above[local]))
+            if mode == "binned":  # bins live in [0, 1]
+                return counts, BinnedScores.histogram(_sigmoid(seg) if logits else seg, local, self.config["bins"])
+            if mode == "exact":
+                scores[a:b] = seg
+            return counts, None
+
+        parts = _in_halves(part, flat.size)
+        n_pred, tp = (sum(c[i] for c, _ in parts) for i in (0, 1))
+        if self.config["image_score"] == "max":
+            img_score = hi
+        else:
+            img_score = self._score_fn(_sigmoid(p) if logits else p, n_pred)
+        P = int(pos_idx.size)
         row = {"tp": tp, "fp": n_pred - tp, "fn": P - tp, "tn": g.size - n_pred - P + tp,
                "image_score": float(img_score), "n_regions": 0}
-        mode = self.config["score_mode"]
         if mode != "off":
             if P:
                 st = np.ones((3, 3), bool) if self.config["connectivity"] == 8 else None
@@ -200,16 +241,14 @@ class MeterSet:
                 R, reg, sizes = 0, np.zeros(0, np.int64), np.zeros(0, np.int64)
             row["n_regions"] = int(R)
             if mode == "exact":
-                # float32 maps are stored as float32, anything wider as float64: no two scores that
-                # differ in the input are tied in storage, so exact mode is exact (error bound 0)
-                scores = p.astype(np.float32 if p.dtype == np.float32 else np.float64).ravel()  # a copy we own
                 self._chunks[key] = (scores, pos_idx.astype(np.int32), sizes[reg].astype(np.int32))  # < 2**31 px
             else:
-                q = _sigmoid(p).ravel() if self.config["logits"] else p.ravel()  # bins live in [0, 1]
-                self._binned.update(q, pos_idx, reg, sizes)
+                hist = sum(h for _, (h, _) in parts)
+                pos_bins = np.concatenate([pb for _, (_, pb) in parts])
+                self._binned.add(hist, pos_bins, reg, sizes)
                 if self.config["per_class_scores"]:
-                    self._binned_pc.setdefault(key[2], BinnedScores(self.config["bins"])).update(
-                        q, pos_idx, reg, sizes)
+                    self._binned_pc.setdefault(key[2], BinnedScores(self.config["bins"])).add(
+                        hist, pos_bins, reg, sizes)
         self._rows[key] = row
 
     # ---- state ---------------------------------------------------------------------------------

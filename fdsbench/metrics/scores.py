@@ -187,22 +187,33 @@ class BinnedScores:
         self.pro = np.zeros(self.bins, np.int64)  # sum over regions of round(2**40 * c_rb / |r|)
         self.n_regions = 0
 
+    @staticmethod
+    def histogram(scores: np.ndarray, pos_idx: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+        """``scores`` float [n] in [0, 1], ``pos_idx`` the indices of the positive pixels, ascending
+        -> (counts per bin, ``[negatives 0..bins | positives 0..bins]`` with bin ``bins`` holding the
+        score 1.0; the bin of each positive). Histograms of parts of a map add up to the whole's."""
+        s = scores if scores.dtype in (np.float32, np.float64) else scores.astype(np.float64)
+        idx = (s * s.dtype.type(bins)).astype(np.intp)  # floor for s >= 0; 1.0 -> bins (folded in add)
+        pos_bins = idx[pos_idx]
+        idx[pos_idx] += bins + 1  # one bincount for both classes
+        return np.bincount(idx, minlength=2 * (bins + 1)), pos_bins
+
     def update(self, scores: np.ndarray, pos_idx: np.ndarray, region_of_pos: np.ndarray,
                region_sizes: np.ndarray) -> None:
         """``scores`` float [n]; ``pos_idx`` the indices of the positive pixels, ascending;
         ``region_of_pos`` the region index (0..R_i-1) of each of them; ``region_sizes`` [R_i]
         pixel counts."""
+        self.add(*self.histogram(scores, pos_idx, self.bins), region_of_pos, region_sizes)
+
+    def add(self, hist: np.ndarray, pos_bins: np.ndarray, region_of_pos: np.ndarray,
+            region_sizes: np.ndarray) -> None:
+        """Add the output of :meth:`histogram` with the regions of the positives (see :meth:`update`)."""
         B = self.bins
-        s = scores if scores.dtype in (np.float32, np.float64) else scores.astype(np.float64)
-        idx = (s * s.dtype.type(B)).astype(np.intp)  # floor for s >= 0; 1.0 -> B (folded below)
-        pb = idx[pos_idx]
-        idx[pos_idx] += B + 1  # one bincount for both classes: [neg 0..B | pos 0..B]
-        h = np.bincount(idx, minlength=2 * (B + 1))
-        h[B - 1] += h[B]
-        h[2 * B] += h[2 * B + 1]
-        self.neg += h[:B]
-        self.pos += h[B + 1:2 * B + 1]
-        np.minimum(pb, B - 1, out=pb)
+        self.neg += hist[:B]
+        self.neg[B - 1] += hist[B]
+        self.pos += hist[B + 1:2 * B + 1]
+        self.pos[B - 1] += hist[2 * B + 1]
+        pb = np.minimum(pos_bins, B - 1)
         R = int(region_sizes.size)
         if R:
             key = region_of_pos.astype(np.int64) * B + pb
