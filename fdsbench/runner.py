@@ -507,9 +507,9 @@ def _episodes(spec: BenchSpec, method: Method, loader: EpisodeLoader, todo: list
     pending: list[tuple] = []
 
     def flush() -> None:
-        for job in pending:
-            scorer.submit(*job)
-        pending.clear()
+        if pending:
+            scorer.submit(_run_jobs, pending.copy())  # one hand-over for the jobs of the last call
+            pending.clear()
 
     def save(wait: bool = False) -> None:
         flush()
@@ -546,6 +546,11 @@ def _episodes(spec: BenchSpec, method: Method, loader: EpisodeLoader, todo: list
             save()
             last_save = time.monotonic()
     flush()
+
+
+def _run_jobs(jobs: list[tuple]) -> None:
+    for fn, *args in jobs:
+        fn(*args)
 
 
 def save_prediction(folder: Path, query_id: str, pred: np.ndarray) -> Path:

@@ -2,6 +2,7 @@
 order, batching or sharding of episodes."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -26,7 +27,15 @@ def seed_everything(seed: int) -> None:
     except ImportError:
         return
     torch.random.default_generator.manual_seed(seed)
-    if torch.cuda.is_available():  # else its lazy seeding formats a stack trace per call, for nothing
+    cuda, mps = _accelerators()
+    if cuda:  # without CUDA its lazy seeding formats a stack trace per call, for nothing
         torch.cuda.manual_seed_all(seed)
-    if torch.backends.mps.is_available():
+    if mps:
         torch.mps.manual_seed(seed)
+
+
+@functools.cache
+def _accelerators() -> tuple[bool, bool]:
+    import torch
+
+    return torch.cuda.is_available(), torch.backends.mps.is_available()
