@@ -20,7 +20,8 @@ from .errors import FdsError
 from .io import atomic_write_text
 from .results import (ALL, INCOMPLETE_MARK, METRIC_NAMES, PER_CLASS_METRIC, PRIMARY_METRIC,
                       RANDOM_MARK, fad_frame, fold_frame, is_random, label, load_records,
-                      records_note, results_frame, run_values, runs_of, timing_frame, to_markdown, write_frame)
+                      records_note, results_frame, run_row, run_values, runs_of, timing_frame, to_markdown,
+                      write_frame)
 from .stats import bootstrap_ci, paired_comparison
 
 __all__ = ["write_leaderboards", "format_run_table", "format_timing_table", "fold_table", "statistics_section",
@@ -39,20 +40,19 @@ def format_run_table(records: list[dict]) -> str:
             "F1-max", "AUPRO", "FPS", "prepare ms"]
     rows = []
     for r in records:
-        m, t = r["metrics"], r.get("timing") or {}
+        m, speed = r["metrics"], run_row(r)  # no times where the run read cached features
 
         def pct(key):
             v = m.get(key)
             return "–" if v is None else f"{100 * v:.1f}"
 
-        p50 = (t.get("prepare") or {}).get("p50_s")
+        fps, p50 = speed["fps"], speed["prepare_p50_ms"]
         done = r.get("episodes") == r.get("episodes_total") if r.get("complete") is None else r["complete"]
         rows.append([label(r) + f" {r['dataset']} f{r['fold']} {r['shot']}-shot s{r['seed']}",
                      f"{r['episodes']}/{r['episodes_total']}" + ("" if done else f" {INCOMPLETE_MARK}"),
                      pct("miou"), pct("fbiou"), pct("episode_miou"), pct("per_image_iou"), pct("per_image_dice"),
                      pct("image_auroc"), pct("pixel_auroc"), pct("pixel_f1_max"), pct("aupro"),
-                     "–" if t.get("fps") is None else f"{t['fps']:.2f}",
-                     "–" if p50 is None else f"{1000 * p50:.1f}"])
+                     "–" if pd.isna(fps) else f"{fps:.2f}", "–" if pd.isna(p50) else f"{p50:.1f}"])
     df = pd.DataFrame(rows, columns=cols).set_index("run")
     note = f"\n{RANDOM_MARK} random-init weights: numbers are not the paper's." if any(map(is_random, records)) else ""
     if any(r.get("complete") is False for r in records):
@@ -150,7 +150,8 @@ def identity_line(runs: pd.DataFrame) -> str:
 
 TIMING_INTRO = ("Predict: batch 1, after warm-up, device synchronised. Prepare: the support processing of an "
                 "episode (for per-support methods, the fit), timed apart; `prepare 1st` is its first call, kept "
-                "apart from warm-up.")
+                "apart from warm-up. Runs that read frozen features from the shared feature cache show no times "
+                "(–): their calls skipped encoding; `make fps` times a method without the cache.")
 
 
 def identity_blocks(frame: pd.DataFrame, metric: str | None = None) -> list[Block]:

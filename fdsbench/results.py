@@ -12,7 +12,9 @@
   ``score_mode``, ``threshold``, ``manifest_hash``, ``fold``, ``shot``, ``seed``, ``episodes``,
   ``episodes_total``, ``complete``, ``max_episodes``, ``device``, ``device_name``, ``precision``,
   ``torch``, ``fdsbench``, ``python`` and the timing (``fps``, ``predict_p50_ms``, ``predict_p95_ms``,
-  ``prepare_p50_ms``, ``prepare_first_ms``, ``prepare_calls``, ``peak_mib``);
+  ``prepare_p50_ms``, ``prepare_first_ms``, ``prepare_calls``, ``peak_mib``; NaN for runs whose frozen
+  features came from the shared feature cache, ``feature_cache`` True: their calls skipped encoding,
+  so their times are not the method's speed);
 * ``class``: a class key of the manifest, or ``*`` for the run's reported (aggregate) value;
 * ``size_kind`` / ``size_bucket``: the defect-size bucket of ``metrics.by_size`` (``area_ratio`` or
   ``area_px``), empty elsewhere;
@@ -50,7 +52,7 @@ RUN_COLUMNS = ["run_id", "method", "method_label", "label", "preset", "config_ha
                "aggregation", "score_mode", "threshold", "manifest_hash", "fold", "shot", "seed", "episodes",
                "episodes_total", "complete", "max_episodes", "device", "device_name", "precision", "torch",
                "fdsbench", "python", "fps", "predict_p50_ms", "predict_p95_ms", "prepare_p50_ms",
-               "prepare_first_ms", "prepare_calls", "peak_mib"]
+               "prepare_first_ms", "prepare_calls", "peak_mib", "feature_cache"]
 VALUE_COLUMNS = ["class", "size_kind", "size_bucket", "metric", "value"]
 COLUMNS = RUN_COLUMNS + VALUE_COLUMNS
 
@@ -135,6 +137,9 @@ def run_row(record: dict) -> dict:
     if calls is not None and not prepare.get("includes_warmup"):
         calls += warm
     peak = t.get("peak_memory_bytes")
+    cached = bool(((record.get("speed_options") or {}).get("feature_cache") or {}).get("used"))
+    if cached:  # encodings reused from the cache (or an earlier method): no speed of this method
+        t, first, peak = {}, None, None
     return {
         "run_id": record["run_id"], "method": record["method"],
         "method_label": record.get("method_label") or record["method"], "label": label(record),
@@ -157,7 +162,7 @@ def run_row(record: dict) -> dict:
         "fps": _num(t.get("fps")), "predict_p50_ms": _ms(t, "predict", "p50_s"),
         "predict_p95_ms": _ms(t, "predict", "p95_s"), "prepare_p50_ms": _ms(t, "prepare", "p50_s"),
         "prepare_first_ms": _num(first), "prepare_calls": calls,
-        "peak_mib": np.nan if peak is None else peak / 2 ** 20,
+        "peak_mib": np.nan if peak is None else peak / 2 ** 20, "feature_cache": cached,
     }
 
 

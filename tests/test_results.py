@@ -67,3 +67,20 @@ def test_frame_from_a_folder(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(make_record("a")))
     (tmp_path / "junk.json").write_text("{not json")
     assert results_frame(tmp_path)["run_id"].nunique() == 1
+
+
+def test_runs_that_read_cached_features_show_no_speed():
+    """A run whose frozen features came from the shared cache (an earlier method or seed encoded
+    them) has no FPS or latency in the frame, the timing table or the bench table."""
+    from fdsbench.leaderboard import format_run_table
+    from fdsbench.results import timing_frame
+
+    plain, cached = make_record("a"), make_record("b")
+    cached["speed_options"] = {"feature_cache": {"used": True, "encoders": ["resnet18"]}}
+    runs = runs_of(results_frame([plain, cached])).set_index("method")
+    assert runs.loc["a", "fps"] == 10.0 and not runs.loc["a", "feature_cache"]
+    assert pd.isna(runs.loc["b", "fps"]) and pd.isna(runs.loc["b", "predict_p50_ms"]) and runs.loc["b", "feature_cache"]
+    table = timing_frame([plain, cached])
+    assert list(table["FPS"]) == ["10.00", "–"]
+    bench = format_run_table([plain, cached]).splitlines()
+    assert bench[2].split("|")[-3].strip() == "10.00" and bench[3].split("|")[-3].strip() == "–"
