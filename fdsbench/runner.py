@@ -649,57 +649,63 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
         raise FdsError(f"method '{method.name}' does not support few-shot anomaly detection (protocol fad)")
     proto = protocol_for(ds, proto_name, spec.shot, spec.fold, spec.protocol_options)
     ckpt, trained_on = fit_or_load(spec, method, ds, proto, log)
-    from .blocks.features import share_features  # frozen features shared by the methods of the workdir
+    from .blocks.features import disable_shared, share_features  # frozen features shared in the workdir
 
     speed = {**accelerate(method, spec.device, spec.compile, spec.channels_last, spec.cudnn_benchmark),
              "warmup_per_shape": spec.warmup_per_shape, "autocast": getattr(method, "autocast", None),
              "feature_cache": share_features(method, Path(spec.workdir) / "cache" / "features")}
     seed_everything(derive_seed(method.name, "build"))  # a method that builds lazily (weights provenance)
     identity = run_identity(spec, method, trained_on, proto)  # inits the same way in every run
-    records = []
-    for i in range(spec.runs):
-        seed = spec.seed + i
-        manifest = get_manifest(Path(spec.workdir), ds, spec.fold, spec.shot, seed, proto)
-        rid = run_id(spec, method, manifest, identity)
-        path = Path(spec.workdir) / "runs" / f"{rid}.json"
-        if path.is_file() and not spec.force:
-            record = _read_record(path, rid, log)
-            if record is not None:
-                log(f"run {rid} is complete; reusing its record (FORCE=1 recomputes)")
-                records.append(record)
-                continue
-        for line in replacement_warnings(manifest):
-            log(line)
-        check_episode_masks(ds, manifest.episodes[: spec.max_episodes] if spec.max_episodes else manifest.episodes,
-                            proto)
-        seed_everything(derive_seed(manifest.hash, "run"))
-        started = time.time()
-        meters, timer, n_eval = evaluate(spec, method, ds, manifest, rid, log)
-        rank, size = world()
-        if rank != 0:
-            barrier()  # rank 0 writes the record
-            records.append(read_json(path, "run record"))
-            shutil.rmtree(partial_dir(spec.workdir, rid, rank, size), ignore_errors=True)
-            continue
-        metrics, timing = report_metrics(meters.compute(), proto, manifest), timer.compute()
-        record = {
-            "run_id": rid, "created": started, "wall_s": time.time() - started,
-            **method.describe(), "method_label": method.label(), "preset": spec.preset or method_cls.default_preset,
-            "identity": identity, "complete": n_eval == len(manifest.episodes), "max_episodes": spec.max_episodes,
-            "threshold": spec.threshold, "score_mode": spec.score_mode, "aggregation": metrics["aggregation"],
-            "requires": dataclasses.asdict(method.requires),
-            "dataset": ds.name, "data_root": str(ds.root), "dataset_hash": ds.dataset_hash,
-            "dataset_options": dict(getattr(ds, "options", None) or {}),
-            "fold": spec.fold, "shot": spec.shot, "seed": seed, "train_seed": spec.train_seed if ckpt else None,
-            "trained_on": trained_on,
-            "protocol": proto, "manifest": str(manifest.path), "manifest_hash": manifest.hash,
-            "episodes": n_eval, "episodes_total": len(manifest.episodes), "checkpoint": ckpt,
-            "device": spec.device, "precision": spec.precision, "world_size": size, "speed_options": speed,
-            "loader": {"workers": spec.workers, "cache_mb": spec.cache_mb},
-            "environment": environment(spec.device), "metrics": metrics, "timing": {k: v for k, v in timing.items() if k != "environment"},
-        }
-        atomic_write_json(path, record)
+    try:
+        return [_run_seed(spec, method, ds, proto, spec.seed + i, identity, (ckpt, trained_on), speed, log)
+                for i in range(spec.runs)]
+    finally:
+        disable_shared()  # a timing-only measurement later in this process must not read cached features
+
+
+def _run_seed(spec: BenchSpec, method: Method, ds: DatasetAdapter, proto: dict, seed: int, identity: dict,
+              training: tuple[str | None, dict | None], speed: dict, log: Callable[[str], None]) -> dict:
+    """One run: the manifest of ``seed``, its evaluation and its record (or the finished record of an
+    identical earlier run)."""
+    ckpt, trained_on = training
+    manifest = get_manifest(Path(spec.workdir), ds, spec.fold, spec.shot, seed, proto)
+    rid = run_id(spec, method, manifest, identity)
+    path = Path(spec.workdir) / "runs" / f"{rid}.json"
+    if path.is_file() and not spec.force:
+        record = _read_record(path, rid, log)
+        if record is not None:
+            log(f"run {rid} is complete; reusing its record (FORCE=1 recomputes)")
+            return record
+    for line in replacement_warnings(manifest):
+        log(line)
+    check_episode_masks(ds, manifest.episodes[: spec.max_episodes] if spec.max_episodes else manifest.episodes,
+                        proto)
+    seed_everything(derive_seed(manifest.hash, "run"))
+    started = time.time()
+    meters, timer, n_eval = evaluate(spec, method, ds, manifest, rid, log)
+    rank, size = world()
+    if rank != 0:
+        barrier()  # rank 0 writes the record
         shutil.rmtree(partial_dir(spec.workdir, rid, rank, size), ignore_errors=True)
-        barrier()
-        records.append(read_json(path, "run record"))  # exactly what a later reader sees
-    return records
+        return read_json(path, "run record")
+    metrics, timing = report_metrics(meters.compute(), proto, manifest), timer.compute()
+    record = {
+        "run_id": rid, "created": started, "wall_s": time.time() - started,
+        **method.describe(), "method_label": method.label(), "preset": spec.preset or type(method).default_preset,
+        "identity": identity, "complete": n_eval == len(manifest.episodes), "max_episodes": spec.max_episodes,
+        "threshold": spec.threshold, "score_mode": spec.score_mode, "aggregation": metrics["aggregation"],
+        "requires": dataclasses.asdict(method.requires),
+        "dataset": ds.name, "data_root": str(ds.root), "dataset_hash": ds.dataset_hash,
+        "dataset_options": dict(getattr(ds, "options", None) or {}),
+        "fold": spec.fold, "shot": spec.shot, "seed": seed, "train_seed": spec.train_seed if ckpt else None,
+        "trained_on": trained_on,
+        "protocol": proto, "manifest": str(manifest.path), "manifest_hash": manifest.hash,
+        "episodes": n_eval, "episodes_total": len(manifest.episodes), "checkpoint": ckpt,
+        "device": spec.device, "precision": spec.precision, "world_size": size, "speed_options": speed,
+        "loader": {"workers": spec.workers, "cache_mb": spec.cache_mb},
+        "environment": environment(spec.device), "metrics": metrics, "timing": {k: v for k, v in timing.items() if k != "environment"},
+    }
+    atomic_write_json(path, record)
+    shutil.rmtree(partial_dir(spec.workdir, rid, rank, size), ignore_errors=True)
+    barrier()
+    return read_json(path, "run record")  # exactly what a later reader sees
