@@ -212,6 +212,50 @@ def test_ablation_switches(name):
         assert log.lam and all(v == 1.0 for v in log.lam)
 
 
+def test_defect_window_holds_the_defect():
+    rng = np.random.default_rng(0)
+    mask = torch.zeros(1, 128, 128)
+    mask[0, 100:110, 5:20] = 1  # bounding box fits a 64 window: every draw holds all of it
+    for _ in range(50):
+        y, x = T.defect_window(mask, 64, rng)
+        assert 0 <= y <= 64 and 0 <= x <= 64 and mask[0, y:y + 64, x:x + 64].sum() == mask.sum()
+    mask[0, 10:20, 100:120] = 1  # two blobs too far apart: the window keeps at least one defect pixel
+    assert all(mask[0, y:y + 64, x:x + 64].sum() > 0 for y, x in (T.defect_window(mask, 64, rng) for _ in range(50)))
+    y, x = T.defect_window(torch.zeros(1, 128, 128), 64, rng)  # no defect: any window
+    assert 0 <= y <= 64 and 0 <= x <= 64
+
+
+def test_training_windows_cut_the_same_place_of_defect_normal_and_cap_images():
+    cfg = NBRCaPConfig(iterations=12, lr=1e-2, bn_joint=False, crop_size=64, input_norm="none")
+    rows, cols = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+    images = torch.stack([rows, cols, torch.zeros_like(rows)])[None].to(torch.uint8)  # pixel = its own place
+    masks = torch.zeros(1, 1, 128, 128)
+    masks[:, :, 90:100, 20:30] = 1
+    normals = torch.full((3, 3, 128, 128), 200, dtype=torch.uint8)
+    net = TinyNet()
+    log = T.fit(net, images, masks, lambda i: normals[i], 3, cfg, 2, np.random.default_rng(0))
+    assert any(log.cap) and not all(log.cap)
+    assert all(x.shape[-2:] == (64, 64) for x, _ in net.encoded)
+    it = iter(net.encoded)
+    for used_cap in log.cap:
+        groups = [next(it)[0] for _ in range(3 if used_cap else 2)]
+        for x_d in groups[0]:  # each pair's window of I_d is a window of the support image holding the defect
+            y, x = (round(float(v) * 255) for v in x_d[:2, 0, 0])
+            assert torch.equal(x_d, images[0, :, y:y + 64, x:x + 64].float() / 255)
+            assert masks[0, 0, y:y + 64, x:x + 64].sum() == masks.sum()
+        if used_cap:  # the defect pasted at the same place of the normal window
+            x_d, x_n, x_cap = groups
+            inside = (x_cap != 200 / 255).any(1, keepdim=True).expand_as(x_cap)
+            assert inside.any() and torch.equal(x_cap[inside], x_d[inside])
+            assert torch.equal(x_cap[~inside], x_n[~inside])
+            for x_c, x_dd in zip(x_cap, x_d):  # the pasted pixels are the defect's place in the support
+                y, x = (round(float(v) * 255) for v in x_dd[:2, 0, 0])
+                sel = (x_c != 200 / 255).any(0)
+                assert torch.equal(sel, masks[0, 0, y:y + 64, x:x + 64].bool())
+    with pytest.raises(FdsError, match="crop_size"):
+        NBRCaP.from_preset("test", {"crop_size": 100})
+
+
 def test_schedule_follows_algorithm_1():
     rng = np.random.default_rng(0)
     steps = list(T.schedule(k=1, n=7, m=2, iterations=10, rng=rng))

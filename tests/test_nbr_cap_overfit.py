@@ -26,8 +26,8 @@ def test_overfits_one_support_image():
     normals = {str(i): weave(i) for i in range(1, 6)}
     support = SupportSet("weave/stain", [Shot("stain_00", img, mask)], 0,
                          NormalPool(list(normals), normals.__getitem__))
-    method = NBRCaP.from_preset("cpu", {"input_size": S, "iterations": 30, "batch_size": 1, "lr": 1e-3,
-                                        "cache": False})
+    method = NBRCaP.from_preset("cpu", {"input_size": S, "crop_size": 0, "iterations": 30, "batch_size": 1,
+                                        "lr": 1e-3, "cache": False})
     state = method.prepare(support)
     log = state.log.summary()
     assert log["steps"] == 30 and 0 < log["cap_steps"] < 30  # both branches, NBR on

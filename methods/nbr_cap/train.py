@@ -13,6 +13,11 @@ Images arrive already resized to S x S (uint8). One optimiser step (spec §3.4),
 Sampling (§3.3): the outer loop draws a defect minibatch of m pairs (with replacement when
 m > K, ◊), the inner loop is one shuffled pass over the normal pool in chunks of m (◊), every inner
 iteration is one step, ``iterations`` steps in all.
+
+Training window (ours, for CPU budgets; off in the paper preset): with ``crop_size`` c > 0 every
+pair of a step is trained on a c x c window of its S x S images that holds the defect (the same
+window of I_d, M_d and I_n, so CaP still pastes at the same position). The network is fully
+convolutional, so ``predict`` still runs on the whole S x S image.
 """
 from __future__ import annotations
 
@@ -77,6 +82,32 @@ def schedule(k: int, n: int, m: int, iterations: int, rng: np.random.Generator,
                 return
 
 
+def defect_window(mask: torch.Tensor, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a ``size`` x ``size`` window of ``mask`` [1, S, S] that holds the defect:
+    the whole defect when its bounding box fits (uniform over such windows), else a uniformly drawn
+    defect pixel; any window when the mask is empty."""
+    s_h, s_w = mask.shape[-2:]
+    ys, xs = torch.nonzero(mask[0] > 0.5, as_tuple=True)
+    if len(ys) == 0:
+        return int(rng.integers(0, s_h - size + 1)), int(rng.integers(0, s_w - size + 1))
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
+    if y1 - y0 >= size or x1 - x0 >= size:  # larger than the window: keep one of its pixels
+        j = int(rng.integers(len(ys)))
+        y0 = y1 = int(ys[j])
+        x0 = x1 = int(xs[j])
+    return (int(rng.integers(max(0, y1 - size + 1), min(y0, s_h - size) + 1)),
+            int(rng.integers(max(0, x1 - size + 1), min(x0, s_w - size) + 1)))
+
+
+def crop_windows(tensors: list[torch.Tensor | None], masks: torch.Tensor, size: int,
+                 rng: np.random.Generator) -> list[torch.Tensor | None]:
+    """The ``size`` x ``size`` window of each pair i, drawn by :func:`defect_window` on masks[i],
+    cut from every tensor [m, C, S, S] of ``tensors`` (``None`` stays ``None``)."""
+    corners = [defect_window(mk, size, rng) for mk in masks]
+    return [None if t is None else torch.stack([t[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(corners)])
+            for t in tensors]
+
+
 def to_input(images_uint8: torch.Tensor, input_norm: str) -> torch.Tensor:
     """uint8 [B, 3, S, S] -> float network input (ImageNet mean/std by default, ◊)."""
     x = images_uint8.float() / 255.0
@@ -128,6 +159,8 @@ def fit(model: AlbuNet34, defect_images: torch.Tensor, defect_masks: torch.Tenso
         need_n = use_nbr or use_cap
         i_n = (to_input(torch.stack([normal_image(int(j)) for j in n_idx]), cfg.input_norm).to(device)
                if need_n else None)
+        if 0 < cfg.crop_size < i_d.shape[-1]:
+            i_d, i_n, m_d = crop_windows([i_d, i_n, m_d], m_d, cfg.crop_size, rng)
         need_d = use_nbr or not use_cap or cfg.cap == "weighted"
         named = {}
         if need_d:
