@@ -105,3 +105,24 @@ def test_large_maps_scored_in_halves_give_the_same_numbers(kw, monkeypatch):
     monkeypatch.setattr(ms, "SPLIT_PIXELS", 10 ** 12)
     whole = run(qs, **kw).compute()
     assert split == whole
+
+
+def test_large_maps_are_scored_in_a_forked_child():
+    """The helper thread of the split scoring does not survive a fork: a child gets its own."""
+    import multiprocessing as mp
+
+    import fdsbench.metrics.meterset as ms
+
+    g = np.zeros((800, 800), bool)
+    g[100:120, 300:340] = True
+    p = np.where(g, 0.9, 0.2).astype(np.float32)
+    parent = run([(p, g, "a/x", 0, "q")]).compute()  # starts the parent's helper thread
+    assert p.size >= ms.SPLIT_PIXELS
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        child = pool.apply_async(_score_one, (p, g)).get(timeout=60)
+    assert child == parent
+
+
+def _score_one(p, g):
+    return run([(p, g, "a/x", 0, "q")]).compute()

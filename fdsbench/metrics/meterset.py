@@ -25,8 +25,8 @@ edge cases (``None`` where undefined) and the binned-mode error bounds.
 """
 from __future__ import annotations
 
-import functools
 import math
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -66,9 +66,15 @@ SPLIT_PIXELS = 1 << 19
 GIL): the counts and histograms of the halves add up exactly, so the numbers do not change."""
 
 
-@functools.cache
+_HELPERS: dict[int, ThreadPoolExecutor] = {}
+
+
 def _helper() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(1, thread_name_prefix="fdsbench-meter")
+    """This process's helper thread (a forked child gets its own: threads do not survive a fork)."""
+    pid = os.getpid()
+    if pid not in _HELPERS:
+        _HELPERS[pid] = ThreadPoolExecutor(1, thread_name_prefix="fdsbench-meter")
+    return _HELPERS[pid]
 
 
 def _in_halves(fn, n: int) -> list:
