@@ -42,9 +42,10 @@ def write_error(path: str | os.PathLike, e: OSError) -> WriteError:
     return WriteError(e.errno, f"cannot write {path}: {e.strerror or e}; {fix}")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` (mode 0644) so that readers see either the old file or the whole
-    new one. A full disk or an unwritable folder raises :class:`FdsError` naming the file."""
+    new one; ``durable=False`` skips the fsync (a cache entry lost in a crash is recomputed). A full
+    disk or an unwritable folder raises :class:`FdsError` naming the file."""
     path = Path(path)
     tmp = None
     try:
@@ -53,8 +54,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), FILE_MODE)
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         if tmp and os.path.exists(tmp):

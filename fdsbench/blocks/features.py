@@ -52,7 +52,6 @@ import hashlib
 import inspect
 import io
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -60,7 +59,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FdsError
-from ..io import canonical_json
+from ..io import atomic_write_bytes, canonical_json
 from .backbones import state_fingerprint
 
 DEFAULT_MAX_BYTES = 2 << 30
@@ -193,9 +192,9 @@ class FeatureStore:
                     self._disk_full = True
                     self.disk_skipped += 1
                     return
-            try:
-                _write_entry(self._path(key), data)
-            except OSError:  # a full or read-only disk costs hits, never the run
+            try:  # atomic, not fsync'ed: an entry cut short fails to load and is recomputed
+                atomic_write_bytes(self._path(key), data, durable=False)
+            except FdsError:  # a full or read-only disk costs hits, never the run
                 self.disk_skipped += 1
                 return
             self._disk_bytes += len(data)
@@ -215,20 +214,6 @@ class FeatureStore:
                 for p in self.disk_dir.glob("*/*.pt"):
                     p.unlink(missing_ok=True)
                 self._disk_bytes = 0
-
-
-def _write_entry(path: Path, data: bytes) -> None:
-    """Atomic (temporary file + rename) but not fsync'ed: a cache entry lost in a crash is recomputed,
-    and one cut short fails to load and is recomputed too."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _SHARED = FeatureStore(enabled=False)
