@@ -153,11 +153,14 @@ class EpisodeLoader:
     class only (the union of all defects for ``"<object>/*"`` episodes); a query without a mask of
     its class (user folders: predict-only queries) has ground truth ``None``. With the protocol's
     ``resize`` set, images and masks are decoded at that size. Images handed to the method are
-    fresh writable copies; ground truth (read by the meters only) is shared with the cache."""
+    fresh writable copies; ground truth (read by the meters only) is shared with the cache.
+    ``prepare_gt`` is called with each query's ground truth where it is loaded (the meters label
+    its regions there, ahead of scoring)."""
 
     def __init__(self, ds: DatasetAdapter, method_cls: type, manifest: Manifest,
-                 cache_mb: float = DEFAULT_CACHE_MB):
+                 cache_mb: float = DEFAULT_CACHE_MB, prepare_gt: Callable[[np.ndarray], object] | None = None):
         self.ds, self.method_cls, self.manifest = ds, method_cls, manifest
+        self.prepare_gt = prepare_gt
         resize = (manifest.protocol or {}).get("resize")
         self.size = tuple(resize) if resize else None
         self.cache = _shared_cache(ds, int(cache_mb * 2 ** 20))
@@ -236,7 +239,12 @@ class EpisodeLoader:
 
         def load(item):
             ep, qid = item
-            return self.support(ep) if qid is None else (self.query(qid), self.gt(qid, ep))
+            if qid is None:
+                return self.support(ep)
+            gt = self.gt(qid, ep)
+            if gt is not None and self.prepare_gt is not None:
+                self.prepare_gt(gt)
+            return self.query(qid), gt
 
         if workers <= 0:
             results: Iterator = map(load, items)

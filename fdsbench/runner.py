@@ -449,7 +449,7 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
     rank, size = world()
     meters, timer = _make_meters(spec, manifest.protocol), _make_timer(spec)
     episodes = manifest.episodes[: spec.max_episodes] if spec.max_episodes else manifest.episodes
-    loader = EpisodeLoader(ds, type(method), manifest, cache_mb=spec.cache_mb)
+    loader = EpisodeLoader(ds, type(method), manifest, cache_mb=spec.cache_mb, prepare_gt=meters.prepare_gt)
     n_total = len(episodes)
     episodes = [e for e in episodes if e.index % size == rank]
     resume = ResumeState(partial_dir(spec.workdir, rid, rank, size), rid, manifest)

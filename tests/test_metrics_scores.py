@@ -8,6 +8,8 @@ from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 from fdsbench.errors import FdsError
 from fdsbench.metrics import BinnedScores, MeterSet, aupro_exact, auroc_exact, f1max_exact
+from fdsbench.metrics.meterset import ground_truth_pixels
+from fdsbench.metrics.scores import SortedNegatives
 
 TOL = 1e-9
 
@@ -272,3 +274,39 @@ def test_per_class_scores(mode):
     m2 = MeterSet(score_mode=mode, per_class_scores=True, bins=50)
     m2.load_state_dict(m.state_dict())
     assert m2.compute() == r
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("levels", [0, 7, 50])  # 0: continuous scores; else many ties
+def test_sorted_negatives_give_the_numbers_of_the_negatives_themselves(dtype, levels):
+    """All scores sorted minus the positives (never separated) = the negative array itself, `==`."""
+    rng = np.random.default_rng(levels)
+    for trial in range(40):
+        n = int(rng.integers(1, 3000))
+        s = (rng.integers(0, levels, n) / max(levels - 1, 1) if levels else rng.random(n)).astype(dtype)
+        y = rng.random(n) < rng.uniform(0, 0.7)
+        pos = np.sort(s[y], kind="stable")
+        w = rng.random(pos.size) + 0.1
+        view = SortedNegatives(np.sort(s), pos)
+        assert view.size == int((~y).sum())
+        assert auroc_exact(pos, view) == auroc_exact(pos, s[~y])
+        assert f1max_exact(pos, view) == f1max_exact(pos, s[~y])
+        for limit in (0.05, 0.3, 1.0):
+            assert aupro_exact(pos, w, view, 3, limit) == aupro_exact(pos, w, s[~y], 3, limit)
+
+
+def test_ground_truth_regions_of_a_shared_mask_are_labelled_once():
+    g = np.zeros((40, 50), bool)
+    g[2:6, 3:9] = True
+    g[20:30, 30:31] = True
+    g[29, 31:40] = True  # joins the second region
+    fresh = ground_truth_pixels(g.copy(), 8)
+    g.setflags(write=False)  # shared masks (the decoded-image cache) are read-only
+    first = ground_truth_pixels(g, 8)
+    assert ground_truth_pixels(g, 8) is first  # labelled once
+    assert ground_truth_pixels(g, 4)[2].tolist() == fresh[2].tolist()  # 4-connectivity: same regions here
+    for a, b in zip(first, fresh):
+        assert np.array_equal(a, b)
+    assert fresh[2].tolist() == [24, 19] and fresh[0].tolist() == np.flatnonzero(g).tolist()
+    w = g.copy()  # a writable mask may change: labelled every time
+    assert ground_truth_pixels(w, 8) is not ground_truth_pixels(w, 8)

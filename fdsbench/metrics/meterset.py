@@ -28,13 +28,14 @@ from __future__ import annotations
 import math
 import os
 import re
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
 
 from ..errors import FdsError
-from .scores import BinnedScores, aupro_exact, auroc_exact, f1max_exact
+from .scores import BinnedScores, SortedNegatives, aupro_exact, auroc_exact, f1max_exact
 from .segmentation import AREA_EDGES, RATIO_EDGES, segmentation_metrics
 
 STATE_VERSION = 1
@@ -85,6 +86,37 @@ def _in_halves(fn, n: int) -> list:
     first = _helper().submit(fn, 0, n // 2)
     second = fn(n // 2, n)
     return [first.result(), second]
+
+
+_REGIONS: dict[tuple[int, int], tuple] = {}
+
+
+def ground_truth_pixels(g: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices of the ground-truth pixels in row-major order, the connected region of each,
+    the pixel count of each region) of a bool mask. A read-only mask (a shared decoded mask) is
+    labelled once while it lives, whichever thread asks first (the loader labels queries ahead)."""
+    key = (id(g), connectivity)
+    hit = _REGIONS.get(key)
+    if hit is not None and hit[0]() is g:
+        return hit[1]
+    pos_idx = np.flatnonzero(g)
+    if pos_idx.size:
+        st = np.ones((3, 3), bool) if connectivity == 8 else None
+        rows_ = np.flatnonzero(g.any(axis=1))
+        cols_ = np.flatnonzero(g.any(axis=0))
+        # label inside the GT bounding box only: positives keep their row-major order
+        sub = g[rows_[0]:rows_[-1] + 1, cols_[0]:cols_[-1] + 1]
+        regions, R = ndimage.label(sub, structure=st)
+        reg = regions[sub].astype(np.int64) - 1
+        sizes = np.bincount(reg, minlength=R)
+    else:
+        reg, sizes = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    out = (pos_idx, reg, sizes)
+    if not g.flags.writeable:
+        for a in out:
+            a.setflags(write=False)
+        _REGIONS[key] = (weakref.ref(g, lambda _, k=key: _REGIONS.pop(k, None)), out)
+    return out
 
 
 def _image_score_fn(spec: str):
@@ -204,7 +236,7 @@ class MeterSet:
                 raise FdsError(f"query '{qid}': prediction values in [{lo}, {hi}] are outside [0, 1]; "
                                f"return probabilities, or declare logits=True to apply a sigmoid")
             cut = th
-        pos_idx = np.flatnonzero(g)  # the ground-truth pixels, row-major
+        pos_idx, reg, sizes = ground_truth_pixels(g, self.config["connectivity"])
         flat = p.ravel()
         # float32 maps are stored as float32, anything wider as float64: no two scores that differ in
         # the input are tied in storage, so exact mode is exact (error bound 0)
@@ -234,18 +266,7 @@ class MeterSet:
         row = {"tp": tp, "fp": n_pred - tp, "fn": P - tp, "tn": g.size - n_pred - P + tp,
                "image_score": float(img_score), "n_regions": 0}
         if mode != "off":
-            if P:
-                st = np.ones((3, 3), bool) if self.config["connectivity"] == 8 else None
-                rows_ = np.flatnonzero(g.any(axis=1))
-                cols_ = np.flatnonzero(g.any(axis=0))
-                # label inside the GT bounding box only: positives keep their row-major order
-                sub = g[rows_[0]:rows_[-1] + 1, cols_[0]:cols_[-1] + 1]
-                regions, R = ndimage.label(sub, structure=st)
-                reg = regions[sub].astype(np.int64) - 1  # region of each positive, in order
-                sizes = np.bincount(reg, minlength=R)
-            else:
-                R, reg, sizes = 0, np.zeros(0, np.int64), np.zeros(0, np.int64)
-            row["n_regions"] = int(R)
+            row["n_regions"] = int(sizes.size)
             if mode == "exact":
                 self._chunks[key] = (scores, pos_idx.astype(np.int32), sizes[reg].astype(np.int32))  # < 2**31 px
             else:
@@ -256,6 +277,11 @@ class MeterSet:
                     self._binned_pc.setdefault(key[2], BinnedScores(self.config["bins"])).add(
                         hist, pos_bins, reg, sizes)
         self._rows[key] = row
+
+    def prepare_gt(self, gt: np.ndarray) -> None:
+        """Label the regions of a shared (read-only) ground-truth mask now, e.g. on a loading
+        thread, so that :meth:`update` finds them done."""
+        ground_truth_pixels(gt, self.config["connectivity"])
 
     # ---- state ---------------------------------------------------------------------------------
     def _sorted_keys(self):
@@ -542,36 +568,22 @@ def state_from_arrays(arrays: dict[str, np.ndarray]) -> dict:
 
 def _exact_pixel_metrics(chunks, n_regions: int, fpr_limit: float) -> dict:
     """Exact pixel metrics from per-query chunks (scores, positive indices, their region sizes)
-    in canonical order. Peak memory: the stored scores plus one copy of the negatives (sorted in
-    place) and the positives, in the stored precision (float32, or float64 where the input was)."""
-    n_tot = sum(c[0].size for c in chunks)
-    n_pos = sum(c[1].size for c in chunks)
+    in canonical order. Every score of the run is sorted once; the negatives are that sorted array
+    minus the (few) positives' scores. Peak memory: the stored scores plus one sorted copy and the
+    positives, in the stored precision (float32, or float64 where the input was)."""
     dtype = np.result_type(np.float32, *[c[0].dtype for c in chunks])
-    neg = np.empty(n_tot - n_pos, dtype)
-    pos = np.empty(n_pos, dtype)
-    size = np.empty(n_pos, np.float64)
-    o = op = 0
-    for sc, pi, ps in chunks:
-        k = pi.size
-        if k:
-            keep = np.ones(sc.size, bool)
-            keep[pi] = False
-            neg[o:o + sc.size - k] = sc[keep]
-            pos[op:op + k] = sc[pi]
-            size[op:op + k] = ps
-        else:
-            neg[o:o + sc.size] = sc
-        o += sc.size - k
-        op += k
-    neg.sort()
+    scores = np.concatenate([c[0] for c in chunks], dtype=dtype) if chunks else np.zeros(0, dtype)
+    pos = np.concatenate([c[0][c[1]] for c in chunks], dtype=dtype) if chunks else np.zeros(0, dtype)
+    size = np.concatenate([c[2] for c in chunks]).astype(np.float64) if chunks else np.zeros(0)
+    scores.sort()
     order = np.argsort(pos, kind="stable")  # sorted needles make searchsorted cache-friendly
     pos, size = pos[order], size[order]
-    f1, t = f1max_exact(pos, neg, neg_sorted=True)
+    neg = SortedNegatives(scores, pos)
+    f1, t = f1max_exact(pos, neg)
     out = {
-        "pixel_auroc": auroc_exact(pos, neg, neg_sorted=True),
+        "pixel_auroc": auroc_exact(pos, neg),
         "pixel_f1_max": f1, "pixel_f1_threshold": t,
-        "aupro": aupro_exact(pos, 1.0 / np.maximum(size, 1.0), neg, n_regions, fpr_limit,
-                             neg_sorted=True),
+        "aupro": aupro_exact(pos, 1.0 / np.maximum(size, 1.0), neg, n_regions, fpr_limit),
     }
     for k in ("pixel_auroc", "pixel_f1_max", "aupro"):  # exact: no binning error
         out[k + "_error_bound"] = None if out[k] is None else 0.0

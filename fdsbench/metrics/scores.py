@@ -62,65 +62,104 @@ def _exact_div(num: int, den: int) -> float:
     return int(num) / int(den)
 
 
-def auroc_exact(pos: np.ndarray, neg: np.ndarray, neg_sorted: bool = False) -> float | None:
-    """Mann-Whitney AUROC of positive scores ``pos`` against negative scores ``neg``."""
-    P, N = int(pos.size), int(neg.size)
+class SortedNegatives:
+    """The negative scores as a sorted multiset: ``scores`` (sorted) minus ``removed`` (sorted, a
+    sub-multiset of it). Exact metrics only count negatives below or above thresholds, so the
+    difference is never built: a count in ``scores`` minus the same count in ``removed``. With
+    ``scores`` = every pixel of a run and ``removed`` = its ground-truth pixels, no pass over all
+    pixels separates the negatives."""
+
+    def __init__(self, scores: np.ndarray, removed: np.ndarray | None = None):
+        self.scores = scores
+        self.removed = scores[:0] if removed is None else removed
+        self.size = int(scores.size - self.removed.size)
+        self.dtype = np.result_type(scores.dtype, self.removed.dtype)
+
+    @classmethod
+    def of(cls, neg) -> "SortedNegatives":
+        """``neg`` as given, or an array of negative scores (sorted here)."""
+        return neg if isinstance(neg, cls) else cls(np.sort(np.asarray(neg), kind="stable"))
+
+    def searchsorted(self, v, side: str = "left") -> np.ndarray:
+        """Number of negatives < v (``side="left"``) or <= v (``"right"``), as ``np.searchsorted``
+        on the sorted negatives would give."""
+        n = self.scores.searchsorted(v, side)
+        return n - self.removed.searchsorted(v, side) if self.removed.size else n
+
+    def top_levels(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct values of the ``k`` largest negatives (ascending) and the number of
+        negatives >= each."""
+        # the k largest negatives lie among the k + |removed| largest scores
+        start = self.scores.size - min(self.scores.size, k + self.removed.size)
+        window = self.scores[start:]
+        first = np.empty(window.size, bool)
+        first[0] = True
+        np.not_equal(window[1:], window[:-1], out=first[1:])
+        fidx = np.flatnonzero(first)
+        del first
+        levels = window[fidx]
+        ge = window.size - fidx  # scores >= each level (the lowest may have equals below the window)
+        ge[0] = self.scores.size - int(self.scores.searchsorted(levels[0], "left"))
+        if self.removed.size:  # removed scores >= level i: those whose count of levels <= them is > i
+            above = np.bincount(levels.searchsorted(self.removed, "right"), minlength=levels.size + 1)
+            ge -= self.removed.size - np.cumsum(above)[:-1]
+            is_neg = ge > np.append(ge[1:], 0)  # levels held by a negative, not only by removed scores
+            levels, ge = levels[is_neg], ge[is_neg]
+        lowest = int(np.flatnonzero(ge >= k)[-1])  # the level of the k-th largest negative
+        return levels[lowest:], ge[lowest:]
+
+
+def auroc_exact(pos: np.ndarray, neg) -> float | None:
+    """Mann-Whitney AUROC of positive scores ``pos`` against negative scores ``neg`` (an array or
+    :class:`SortedNegatives`)."""
+    ns = SortedNegatives.of(neg)
+    P, N = int(pos.size), ns.size
     if P == 0 or N == 0:
         return None
-    ns = neg if neg_sorted else np.sort(neg, kind="stable")
-    less = np.searchsorted(ns, pos, side="left")
-    leq = np.searchsorted(ns, pos, side="right")
+    less = ns.searchsorted(pos, "left")
+    leq = ns.searchsorted(pos, "right")
     # 2*sum(less) + sum(eq) = sum(less) + sum(leq); int64 is exact up to 9.2e18 pairs
     num = int(less.sum(dtype=np.int64)) + int(leq.sum(dtype=np.int64))
     return _exact_div(num, 2 * P * N)
 
 
-def f1max_exact(pos: np.ndarray, neg: np.ndarray, neg_sorted: bool = False
-                ) -> tuple[float | None, float | None]:
+def f1max_exact(pos: np.ndarray, neg) -> tuple[float | None, float | None]:
     """(F1-max, its threshold) over all thresholds ``score >= t``."""
-    P, N = int(pos.size), int(neg.size)
+    ns = SortedNegatives.of(neg)
+    P, N = int(pos.size), ns.size
     if P == 0:
         return None, None
     ps = np.sort(pos, kind="stable")
-    ns = neg if neg_sorted else np.sort(neg, kind="stable")
     t = np.unique(ps)  # candidate thresholds, ascending
     tp = P - np.searchsorted(ps, t, side="left")
-    fp = N - np.searchsorted(ns, t, side="left")
+    fp = N - ns.searchsorted(t, "left")
     f1 = 2.0 * tp / (tp + fp + P)  # 2TP / (2TP + FP + FN), FN = P - TP
     best = float(f1.max())
     i = int(np.flatnonzero(f1 == best)[0])  # smallest threshold reaching the max
     return best, float(t[i])
 
 
-def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg: np.ndarray, n_regions: int,
-                fpr_limit: float = 0.3, neg_sorted: bool = False) -> float | None:
+def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg, n_regions: int,
+                fpr_limit: float = 0.3) -> float | None:
     """Exact normalised AUPRO.
 
     ``pos``: scores of the ground-truth pixels, in a canonical order; ``pos_weight``: 1/|r| of the
     region each belongs to; ``n_regions``: R. The curve (FPR, PRO) is piecewise linear between the
     points of consecutive distinct thresholds, starting at (0, 0)."""
-    N = int(neg.size)
+    ns = SortedNegatives.of(neg)
+    N = ns.size
     if n_regions == 0 or N == 0:
         return None
     if not 0 < fpr_limit <= 1:
         raise ValueError("fpr_limit must be in (0, 1]")
-    ns = neg if neg_sorted else np.sort(neg, kind="stable")
     dt = np.result_type(ns.dtype, pos.dtype)
     # Distinct negative levels. Only those with FPR <= limit and the first one past it matter:
-    # they all lie among the k_max largest negatives (a window view of the sorted array, no copy).
+    # they all lie among the k_max largest negatives.
     k_max = min(N, int(np.floor(fpr_limit * N)) + 1)
-    top = ns[N - k_max:]
-    first = np.empty(k_max, bool)
-    first[0] = True
-    np.not_equal(top[1:], top[:-1], out=first[1:])
-    fidx = np.flatnonzero(first)
-    del first
-    lev_asc = top[fidx].astype(dt, copy=False)
+    lev_asc, ge_asc = ns.top_levels(k_max)
+    lev_asc = lev_asc.astype(dt, copy=False)
     L = lev_asc.size
-    cnt_ge = (k_max - fidx)[::-1]  # negatives >= level, levels descending
-    # the smallest level of the window may have equal negatives below the window
-    cnt_ge[-1] = N - int(np.searchsorted(ns, lev_asc[0], side="left"))
-    fpr_after = cnt_ge / N
+    fpr_after = ge_asc[::-1] / N  # levels descending
     fpr_before = np.concatenate(([0.0], fpr_after[:-1]))
     # PRO at each level (descending index i): sum of weights of positives >= (or >) level i.
     # A positive p is >= level i iff i >= #levels > p; bin positives by that index, then cumsum.
@@ -193,10 +232,11 @@ class BinnedScores:
         -> (counts per bin, ``[negatives 0..bins | positives 0..bins]`` with bin ``bins`` holding the
         score 1.0; the bin of each positive). Histograms of parts of a map add up to the whole's."""
         s = scores if scores.dtype in (np.float32, np.float64) else scores.astype(np.float64)
-        idx = (s * s.dtype.type(bins)).astype(np.intp)  # floor for s >= 0; 1.0 -> bins (folded in add)
+        idx = np.empty(s.size, np.intp)  # floor(s * bins) in the scores' float type, in one pass;
+        np.multiply(s, s.dtype.type(bins), out=idx, casting="unsafe")  # 1.0 -> bins (folded in add)
         pos_bins = idx[pos_idx]
-        idx[pos_idx] += bins + 1  # one bincount for both classes
-        return np.bincount(idx, minlength=2 * (bins + 1)), pos_bins
+        hist_pos = np.bincount(pos_bins, minlength=bins + 1)
+        return np.concatenate((np.bincount(idx, minlength=bins + 1) - hist_pos, hist_pos)), pos_bins
 
     def update(self, scores: np.ndarray, pos_idx: np.ndarray, region_of_pos: np.ndarray,
                region_sizes: np.ndarray) -> None:
