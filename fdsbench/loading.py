@@ -7,7 +7,12 @@ cache, and an ordered background worker for scoring.
   header; anything else (16-bit PNG, CMYK JPEG, other formats) goes through Pillow, the reference
   decoder of :func:`fdsbench.io.read_image`.
 * :class:`DecodedCache` keeps decoded images and ground-truth masks up to a byte budget (least
-  recently used out first): supports and queries recur across episodes of a manifest.
+  recently used out first): supports and queries recur across episodes of a manifest. Behind it,
+  :func:`decoded_dir` keeps them on disk (raw ``.npy``, read without pickle) for the next process:
+  every method benchmarked on a dataset decodes each file once, not once per run. An entry's key
+  is the dataset's content hash (the bytes of every file and the mask specs), what was decoded at
+  which size, and the decoders' versions, so an edited file or a new OpenCV is a miss, never a
+  stale image.
 * :class:`EpisodeLoader` decodes an episode's support set and queries; :meth:`EpisodeLoader.iterate`
   does it ahead of the method on ``workers`` threads (decoding releases the GIL), handing episodes
   and queries out in manifest order, so results do not depend on the number of workers. Nothing
@@ -20,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import os
 import queue
 import sys
 import threading
@@ -31,14 +37,17 @@ from typing import Callable, Iterable, Iterator
 import cv2
 import numpy as np
 
-from .data import DatasetAdapter, resize_bilinear
+from .data import DatasetAdapter, default_cache_dir, resize_bilinear
+from .diskcache import BoundedDir
 from .errors import DataError, FdsError
 from .episodes import Manifest
-from .io import read_image
+from .io import content_hash, read_image
 from .seeding import derive_seed
 from .types import Episode, NormalPool, Query, Shot, SupportSet
 
 DEFAULT_CACHE_MB = 512
+DEFAULT_DISK_CACHE_BYTES = 8 << 30
+DISK_FORMAT = 1  # bump when decoding or resizing changes pixels
 _PNG = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -148,6 +157,28 @@ def _shared_cache(ds: DatasetAdapter, max_bytes: int) -> DecodedCache:
     return cache
 
 
+_DIRS: dict[tuple[str, int], BoundedDir] = {}
+
+
+def decoded_dir() -> BoundedDir | None:
+    """The on-disk tier of decoded images and masks, shared by the processes of this machine:
+    ``$FDSBENCH_DECODED_CACHE_DIR`` or ``$FDSBENCH_CACHE/decoded`` (default ``~/.cache/fdsbench/
+    decoded``), at most ``$FDSBENCH_DECODED_CACHE_BYTES`` (default 8 GiB); None when
+    ``FDSBENCH_DECODED_CACHE=off``."""
+    if os.environ.get("FDSBENCH_DECODED_CACHE", "on").lower() in ("0", "off", "false", "no"):
+        return None
+    folder = os.environ.get("FDSBENCH_DECODED_CACHE_DIR") or str(default_cache_dir() / "decoded")
+    raw = os.environ.get("FDSBENCH_DECODED_CACHE_BYTES", "")
+    try:
+        bound = int(float(raw)) if raw else DEFAULT_DISK_CACHE_BYTES
+    except ValueError:
+        raise FdsError(f"$FDSBENCH_DECODED_CACHE_BYTES={raw!r} is not a number of bytes (e.g. 8e9)") from None
+    key = (folder, bound)
+    if key not in _DIRS:
+        _DIRS[key] = BoundedDir(folder, bound, ".npy")
+    return _DIRS[key]
+
+
 class EpisodeLoader:
     """Decodes an episode's support set and queries from the dataset. Ground truth = the episode's
     class only (the union of all defects for ``"<object>/*"`` episodes); a query without a mask of
@@ -165,13 +196,36 @@ class EpisodeLoader:
         self.size = tuple(resize) if resize else None
         self.cache = _shared_cache(ds, int(cache_mb * 2 ** 20))
         ds.index  # noqa: B018 - build the (cached) index before worker threads read it
+        self.disk = decoded_dir()
+        self._content = ds.dataset_hash if self.disk is not None else None
 
     # ---- decoding ----------------------------------------------------------------------------
+    def _decoded(self, key: tuple, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """``make()`` through the memory cache and the on-disk tier (module docstring)."""
+        if self.disk is None:
+            return self.cache.get(key, make)
+        from PIL import __version__ as pillow
+
+        def through_disk() -> np.ndarray:
+            name = content_hash([DISK_FORMAT, self._content, list(key), cv2.__version__, pillow], length=32)
+            data = self.disk.read(name)
+            if data is not None:
+                try:
+                    return np.load(io.BytesIO(data), allow_pickle=False)
+                except (ValueError, OSError, EOFError):  # cut short or damaged: decoded again
+                    pass
+            arr = make()
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            self.disk.write(name, buf.getvalue())
+            return arr
+        return self.cache.get(key, through_disk)
+
     def _image(self, image_id: str, size: tuple[int, int] | None) -> np.ndarray:
         def make():
             img = decode_image(self.ds.root / self.ds.record(image_id).path)
             return img if size is None else resize_bilinear(img, size)
-        return self.cache.get(("image", image_id, size), make)
+        return self._decoded(("image", image_id, size), make)
 
     def image(self, image_id: str) -> np.ndarray:
         """RGB uint8 [H, W, 3] at the protocol's size (a copy the caller owns)."""
@@ -184,8 +238,8 @@ class EpisodeLoader:
     def _mask(self, image_id: str, cls: str) -> np.ndarray:
         if cls == "*" and not self.ds.record(image_id).masks:
             return np.zeros(self.size or self._image(image_id, None).shape[:2], bool)
-        return self.cache.get(("mask", image_id, cls, self.size),
-                              lambda: self.ds.load_mask(image_id, cls, size=self.size))
+        return self._decoded(("mask", image_id, cls, self.size),
+                             lambda: self.ds.load_mask(image_id, cls, size=self.size))
 
     def gt(self, image_id: str, ep: Episode) -> np.ndarray | None:
         cls = ep.defect_class

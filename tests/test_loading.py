@@ -168,3 +168,46 @@ def test_binned_scores_from_the_cli(synthetic, tmp_path, capsys):
     rec = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
     assert rec["metrics"]["score_mode"] == "binned" and rec["metrics"]["bins"] > 0
     assert rec["metrics"]["pixel_auroc_error_bound"] > 0
+
+
+def test_decoded_images_and_masks_persist_on_disk_for_the_next_process(tmp_path, monkeypatch, synthetic):
+    """A later process (a new adapter: empty memory cache) reads the decoded pixels from disk,
+    equal to decoding; other dataset content, a damaged entry or FDSBENCH_DECODED_CACHE=off decode."""
+    import fdsbench.loading as loading
+    from fdsbench.episodes import get_manifest, resolve_protocol
+    from fdsbench.registry import get_dataset
+
+    monkeypatch.setenv("FDSBENCH_DECODED_CACHE_DIR", str(tmp_path / "decoded"))
+    proto = resolve_protocol("fss", 1, {"resize": [48, 40], "crops": False}, synthetic.protocol_defaults)
+    m = get_manifest(tmp_path, synthetic, 1, 1, 0, proto)
+    ep = m.episodes[0]
+    ids = [ep.supports[0].id, *ep.queries]
+    first = EpisodeLoader(get_dataset("synthetic")(None), LoadingProbe, m)
+    images = {i: first.image(i) for i in ids}
+    masks = {i: first._mask(i, ep.defect_class) for i in ids}
+    assert images[ids[0]].shape == (48, 40, 3)
+    assert len(list((tmp_path / "decoded").glob("*/*.npy"))) == 2 * len(ids)
+
+    decode, load_mask = loading.decode_image, type(synthetic).load_mask
+    calls = []
+    monkeypatch.setattr(loading, "decode_image", lambda p: calls.append(p) or decode(p))
+    later = EpisodeLoader(get_dataset("synthetic")(None), LoadingProbe, m)
+    monkeypatch.setattr(type(synthetic), "load_mask", lambda *a, **k: calls.append(a) or load_mask(*a, **k))
+    for i in ids:
+        assert np.array_equal(later.image(i), images[i]) and later.image(i).flags.writeable
+        assert np.array_equal(later._mask(i, ep.defect_class), masks[i])
+    assert calls == []  # nothing decoded
+
+    other = get_dataset("synthetic")(None)
+    other.__dict__["dataset_hash"] = "0" * 16  # another content (an edited file): other keys
+    assert np.array_equal(EpisodeLoader(other, LoadingProbe, m).image(ids[0]), images[ids[0]]) and len(calls) == 1
+    for f in (tmp_path / "decoded").glob("*/*.npy"):
+        f.write_bytes(f.read_bytes()[:40])  # cut short
+    assert np.array_equal(EpisodeLoader(get_dataset("synthetic")(None), LoadingProbe, m).image(ids[1]), images[ids[1]])
+    assert len(calls) == 2
+
+    monkeypatch.setenv("FDSBENCH_DECODED_CACHE", "off")
+    monkeypatch.setenv("FDSBENCH_DECODED_CACHE_DIR", str(tmp_path / "off"))
+    assert EpisodeLoader(get_dataset("synthetic")(None), LoadingProbe, m).disk is None
+    EpisodeLoader(get_dataset("synthetic")(None), LoadingProbe, m).image(ids[0])
+    assert not (tmp_path / "off").exists()

@@ -27,11 +27,10 @@ What a cache entry is (one tensor per entry)::
 * **Numerics context**: parameter dtype, device type and model, intra-op threads (CPU results depend
   on them), TF32 switches, autocast dtype and the torch version.
 
-Storage: :class:`FeatureStore`, a byte-bounded LRU in host memory plus an optional directory (one
-``.pt`` file per entry, written atomically, read with ``torch.load(weights_only=True)``: no pickle)
-bounded in bytes. When the directory is full, the oldest entries this process has not used are
-removed; when none can be, new entries are not written (a comparison run method after method in
-separate processes keeps reusing the first entries instead of evicting what the next method needs).
+Storage: :class:`FeatureStore`, a byte-bounded LRU in host memory plus an optional directory
+(:class:`fdsbench.diskcache.BoundedDir`: one ``.pt`` file per entry, read with
+``torch.load(weights_only=True)``: no pickle; bounded in bytes, evicting the oldest entries this
+process has not used).
 
 The process-wide store (:func:`shared_store`) is OFF until something enables it: ``fdsbench bench``
 does (:func:`share_features`: memory + ``<WORKDIR>/cache/features`` on disk, shared by every method of
@@ -58,8 +57,9 @@ from pathlib import Path
 
 import torch
 
+from ..diskcache import BoundedDir
 from ..errors import FdsError
-from ..io import atomic_write_bytes, canonical_json
+from ..io import canonical_json
 from .backbones import state_fingerprint
 
 DEFAULT_MAX_BYTES = 2 << 30
@@ -85,17 +85,17 @@ class FeatureStore:
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, disk_dir: str | os.PathLike | None = None,
                  disk_max_bytes: int = DEFAULT_DISK_BYTES, device: str | torch.device = "cpu", enabled: bool = True):
-        self.max_bytes, self.disk_max_bytes = int(max_bytes), int(disk_max_bytes)
-        self.disk_dir = Path(disk_dir) if disk_dir is not None else None
+        self.max_bytes = int(max_bytes)
+        self.disk = BoundedDir(disk_dir, disk_max_bytes, ".pt") if disk_dir is not None else None
         self.device = torch.device(device)
         self.enabled = enabled
         self._mem: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bytes = 0
-        self._disk_bytes: int | None = None  # scanned on the first write
-        self._used: set[str] = set()  # keys this process read or wrote (not evicted from disk)
-        self._disk_full = False  # nothing left to evict: no more writes in this session
         self._lock = threading.Lock()
-        self.disk_skipped = 0
+
+    @property
+    def disk_dir(self) -> Path | None:
+        return self.disk.folder if self.disk is not None else None
 
     # ---- memory --------------------------------------------------------------------------------
     def get(self, key: str) -> tuple[torch.Tensor | None, str]:
@@ -131,89 +131,35 @@ class FeatureStore:
                 self._bytes -= gone.numel() * gone.element_size()
 
     # ---- disk ----------------------------------------------------------------------------------
-    def _path(self, key: str) -> Path:
-        return self.disk_dir / key[:2] / f"{key}.pt"
-
     def _disk_get(self, key: str) -> torch.Tensor | None:
-        if self.disk_dir is None:
+        data = self.disk.read(key) if self.disk is not None else None
+        if data is None:
             return None
-        p = self._path(key)
         try:
-            t = torch.load(p, map_location=self.device, weights_only=True)
-            os.utime(p)  # most recently used
-        except FileNotFoundError:
-            return None
+            t = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
         except Exception:  # noqa: BLE001 - a truncated/corrupt file is recomputed and rewritten
             return None
-        if not isinstance(t, torch.Tensor):
-            return None
-        with self._lock:
-            self._used.add(key)
-        return t
-
-    def _entries(self) -> list[tuple[float, int, Path]]:
-        out = []
-        for sub in self.disk_dir.iterdir() if self.disk_dir.is_dir() else ():
-            if sub.is_dir():
-                for e in os.scandir(sub):
-                    if e.name.endswith(".pt"):
-                        try:
-                            st = e.stat()
-                        except FileNotFoundError:  # removed by another process meanwhile
-                            continue
-                        out.append((st.st_mtime, st.st_size, Path(e.path)))
-        return out
-
-    def _make_room(self, n: int) -> bool:
-        """Free the oldest entries this process has not used until ``n`` bytes fit (to 90 % of the bound)."""
-        entries = self._entries()
-        self._disk_bytes = sum(s for _, s, _ in entries)
-        if self._disk_bytes + n <= self.disk_max_bytes:
-            return True
-        target = 0.9 * self.disk_max_bytes - n
-        for _, size, p in sorted(entries):
-            if self._disk_bytes <= target:
-                break
-            if p.stem in self._used:
-                continue
-            p.unlink(missing_ok=True)
-            self._disk_bytes -= size
-        return self._disk_bytes + n <= self.disk_max_bytes
+        return t if isinstance(t, torch.Tensor) else None
 
     def _disk_put(self, key: str, t: torch.Tensor) -> None:
-        if self.disk_dir is None:
-            return
-        buf = io.BytesIO()
-        torch.save(t.to("cpu"), buf)
-        data = buf.getvalue()
-        with self._lock:
-            if self._disk_full or self._disk_bytes is None or self._disk_bytes + len(data) > self.disk_max_bytes:
-                if self._disk_full or not self._make_room(len(data)):
-                    self._disk_full = True
-                    self.disk_skipped += 1
-                    return
-            try:  # atomic, not fsync'ed: an entry cut short fails to load and is recomputed
-                atomic_write_bytes(self._path(key), data, durable=False)
-            except FdsError:  # a full or read-only disk costs hits, never the run
-                self.disk_skipped += 1
-                return
-            self._disk_bytes += len(data)
-            self._used.add(key)
+        if self.disk is not None:
+            buf = io.BytesIO()
+            torch.save(t.to("cpu"), buf)
+            self.disk.write(key, buf.getvalue())
 
     # ---- housekeeping --------------------------------------------------------------------------
     def stats(self) -> dict:
         return {"entries": len(self._mem), "bytes": self._bytes, "max_bytes": self.max_bytes,
-                "disk_dir": str(self.disk_dir) if self.disk_dir else None, "disk_max_bytes": self.disk_max_bytes,
-                "disk_skipped": self.disk_skipped}
+                "disk_dir": str(self.disk_dir) if self.disk else None,
+                "disk_max_bytes": self.disk.max_bytes if self.disk else None,
+                "disk_skipped": self.disk.skipped if self.disk else 0}
 
     def clear(self, disk: bool = False) -> None:
         with self._lock:
             self._mem.clear()
             self._bytes = 0
-            if disk and self.disk_dir is not None and self.disk_dir.is_dir():
-                for p in self.disk_dir.glob("*/*.pt"):
-                    p.unlink(missing_ok=True)
-                self._disk_bytes = 0
+        if disk and self.disk is not None:
+            self.disk.clear()
 
 
 _SHARED = FeatureStore(enabled=False)
@@ -232,10 +178,10 @@ def enable_shared(disk_dir: str | os.PathLike | None = None, max_bytes: int | No
     with s._lock:
         s.enabled = _env_on()
         s.max_bytes = _env_bytes("FDSBENCH_FEATURE_CACHE_BYTES", DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
-        s.disk_max_bytes = _env_bytes("FDSBENCH_FEATURE_CACHE_DISK_BYTES",
-                                      DEFAULT_DISK_BYTES if disk_max_bytes is None else disk_max_bytes)
+        bound = _env_bytes("FDSBENCH_FEATURE_CACHE_DISK_BYTES",
+                           DEFAULT_DISK_BYTES if disk_max_bytes is None else disk_max_bytes)
         where = os.environ.get("FDSBENCH_FEATURE_CACHE_DIR") or disk_dir
-        s.disk_dir, s._disk_bytes, s._used, s._disk_full = (Path(where) if where else None), None, set(), False
+        s.disk = BoundedDir(where, bound, ".pt") if where else None
     return s
 
 
@@ -401,5 +347,5 @@ def share_features(method, disk_dir: str | os.PathLike | None) -> dict:
                       if isinstance(c, CachedBackbone)]
         encoders.update(c.backbone.name for c in found if c.enabled)
     return {"used": bool(encoders), "encoders": sorted(encoders),
-            **({"memory_max_bytes": store.max_bytes, "disk_max_bytes": store.disk_max_bytes if store.disk_dir else 0}
+            **({"memory_max_bytes": store.max_bytes, "disk_max_bytes": store.disk.max_bytes if store.disk else 0}
                if encoders else {})}

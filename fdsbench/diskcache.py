@@ -1,0 +1,96 @@
+"""A directory of cache entries bounded in bytes, shared by the processes that use it.
+
+One file per key (``<dir>/<key[:2]>/<key><suffix>``), written atomically without fsync: an entry
+cut short by a crash fails to load and is recomputed. When the directory is full, the oldest
+entries (by last use) that this process has not used are removed; when none can be, new entries
+are not written for the rest of the session (methods run one after another in separate processes
+keep reusing the first entries instead of evicting what the next one needs). A full or read-only
+disk costs hits, never a run. The frozen-feature cache and the decoded-image cache store here.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from .errors import FdsError
+from .io import atomic_write_bytes
+
+
+class BoundedDir:
+    """Bytes by key in ``folder``, at most ``max_bytes`` in all (module docstring). Thread-safe."""
+
+    def __init__(self, folder: str | os.PathLike, max_bytes: int, suffix: str):
+        self.folder, self.max_bytes, self.suffix = Path(folder), int(max_bytes), suffix
+        self._bytes: int | None = None  # scanned on the first write
+        self._used: set[str] = set()  # keys this process read or wrote (never evicted by it)
+        self._full = False  # nothing left to evict: no more writes in this session
+        self._lock = threading.Lock()
+        self.skipped = 0
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}{self.suffix}"
+
+    def read(self, key: str) -> bytes | None:
+        """The entry's bytes (and it becomes the most recently used), or None."""
+        p = self.path(key)
+        try:
+            data = p.read_bytes()
+            os.utime(p)
+        except OSError:
+            return None
+        with self._lock:
+            self._used.add(key)
+        return data
+
+    def write(self, key: str, data: bytes) -> bool:
+        """Store ``data`` under ``key`` if it fits (after evicting old entries); False if it was not written."""
+        with self._lock:
+            if self._full or self._bytes is None or self._bytes + len(data) > self.max_bytes:
+                if self._full or not self._make_room(len(data)):
+                    self._full = True
+                    self.skipped += 1
+                    return False
+            try:
+                atomic_write_bytes(self.path(key), data, durable=False)
+            except FdsError:
+                self.skipped += 1
+                return False
+            self._bytes += len(data)
+            self._used.add(key)
+            return True
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        out = []
+        for sub in self.folder.iterdir() if self.folder.is_dir() else ():
+            if sub.is_dir():
+                for e in os.scandir(sub):
+                    if e.name.endswith(self.suffix):
+                        try:
+                            st = e.stat()
+                        except FileNotFoundError:  # removed by another process meanwhile
+                            continue
+                        out.append((st.st_mtime, st.st_size, Path(e.path)))
+        return out
+
+    def _make_room(self, n: int) -> bool:
+        """Free the oldest entries this process has not used until ``n`` bytes fit (to 90 % of the bound)."""
+        entries = self._entries()
+        self._bytes = sum(s for _, s, _ in entries)
+        if self._bytes + n <= self.max_bytes:
+            return True
+        target = 0.9 * self.max_bytes - n
+        for _, size, p in sorted(entries):
+            if self._bytes <= target:
+                break
+            if p.name[: -len(self.suffix)] in self._used:
+                continue
+            p.unlink(missing_ok=True)
+            self._bytes -= size
+        return self._bytes + n <= self.max_bytes
+
+    def clear(self) -> None:
+        with self._lock:
+            for p in self.folder.glob(f"*/*{self.suffix}"):
+                p.unlink(missing_ok=True)
+            self._bytes = 0
