@@ -43,7 +43,7 @@ class BoundedDir:
             self._used.add(key)
         return data
 
-    def write(self, key: str, data: bytes) -> bool:
+    def write(self, key: str, data: bytes | memoryview) -> bool:
         """Store ``data`` under ``key`` if it fits (after evicting old entries); False if it was not written."""
         with self._lock:
             if self._full or self._bytes is None or self._bytes + len(data) > self.max_bytes:

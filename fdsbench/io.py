@@ -42,7 +42,7 @@ def write_error(path: str | os.PathLike, e: OSError) -> WriteError:
     return WriteError(e.errno, f"cannot write {path}: {e.strerror or e}; {fix}")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview, durable: bool = True) -> None:
     """Write ``data`` to ``path`` (mode 0644) so that readers see either the old file or the whole
     new one; ``durable=False`` skips the fsync (a cache entry lost in a crash is recomputed). A full
     disk or an unwritable folder raises :class:`FdsError` naming the file."""

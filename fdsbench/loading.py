@@ -217,7 +217,7 @@ class EpisodeLoader:
             arr = make()
             buf = io.BytesIO()
             np.save(buf, arr, allow_pickle=False)
-            self.disk.write(name, buf.getvalue())
+            self.disk.write(name, buf.getbuffer())  # no copy of the encoded bytes
             return arr
         return self.cache.get(key, through_disk)
 
