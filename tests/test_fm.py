@@ -186,6 +186,24 @@ def test_config_checks_and_precision():
     assert FeatureMatching({}).requires.weights == ("fm_l",)
 
 
+def test_backbone_used_directly_as_the_encoder():
+    """Fig. 9 variant (the cpu preset's): VGG-16 conv3 (stride 4) gives the S/4 grid; several taps are
+    concatenated at the finest one's resolution; provenance and requirements name the backbone."""
+    m = _method(encoder="vgg16_hed", encoder_weights="random")
+    assert m.requires.weights == () and m.weights_provenance() == {"vgg16_hed": "random-init"}
+    with torch.inference_mode():
+        assert m.encode(_noise(0)).shape == (1, 256, 16, 16)
+        both = _method(encoder="vgg16_hed", encoder_weights="random", encoder_layers=("conv3", "conv4"))
+        assert both.encode(_noise(0)).shape == (1, 768, 16, 16)
+    img, mask = _noise(1), np.zeros((64, 64), bool)
+    mask[8:24, 8:24] = True
+    p = m.predict(m.prepare(SupportSet("o/c", [Shot("s", img, mask)], seed=0)), Query("q", img))
+    assert p.shape == (64, 64) and p[mask].mean() > p[~mask].mean()
+    assert FeatureMatching({"encoder": "vgg16_hed"}).requires.weights == ("vgg16_hed",)
+    assert FeatureMatching.presets["cpu"] == {"encoder": "vgg16_hed", "encoder_layers": ("conv3",),
+                                              "encoder_weights": "default", "image_size": 384}
+
+
 def test_bf16_autocast_runs_on_cpu_and_stays_close():
     img, mask = _noise(5), np.zeros((64, 64), bool)
     mask[10:20, 10:30] = True

@@ -158,6 +158,15 @@ def test_missing_fastsam_weights_are_a_clear_error(monkeypatch, tmp_path):
         m.everything
     assert FMFastSAM({}).requires.weights == ("fm_l", "fastsam_x")
     assert FMFastSAM.presets["fm-l-fastsam-s"] == {"fastsam": "s"}
+    assert FMFastSAM({**FMFastSAM.presets["cpu"], "fastsam_weights": "default"}).requires.weights \
+        == ("vgg16_hed", "fastsam_s")  # the cpu preset's matcher is fm's cpu encoder
+
+
+def test_cpu_preset_matches_with_fms_cpu_encoder():
+    from fdsbench.methods.fm import FeatureMatching
+
+    fm_cpu = FeatureMatching.presets["cpu"]
+    assert {k: FMFastSAM.presets["cpu"][k] for k in fm_cpu} == fm_cpu
 
 
 @pytest.mark.parametrize("method", ["fm", "fm_fastsam"])

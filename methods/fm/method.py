@@ -6,7 +6,8 @@ Segmentation in General Industrial Scenarios with Metric Learning and Vision Fou
 background (dense) prototypes once per episode; ``predict`` encodes the query, matches every query
 cell against both prototype sets and returns softmax(10·[s_b, s_f])[1] at the query's size. Images
 are brought to S×S (256) as the GFDS loader does (OpenCV bilinear, ImageNet normalisation); on the
-GFDS protocol (``resize=256``) they already are.
+GFDS protocol (``resize=256``) they already are. ``encoder`` = a backbone name replaces the student
+by that network's own features (the paper's Fig. 9 "teacher features used directly" variant).
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from fdsbench.blocks.backbones import IMAGENET_MEAN, IMAGENET_STD
+from fdsbench.blocks.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from fdsbench.errors import DataError, FdsError
 from fdsbench.method import Method
 from fdsbench.registry import register_method
@@ -45,6 +47,10 @@ class FMConfig:
     patch_avg: str = "sequence"  # sequence = code (triples of the row-major list, n > 10) | 2d = paper
     amp: str = "auto"  # auto = bf16 autocast on CUDA (official eval), fp32 on CPU | bf16 | fp32
     similarity_fp32: bool = False  # under bf16: cosine matrix and s_f − s_b in fp32 (student still bf16)
+    # E itself: "student" (the PDN above) | a backbone name (Fig. 9: teacher features used directly)
+    encoder: str = "student"
+    encoder_layers: tuple = ("conv3",)  # backbone taps, concatenated at the finest one's resolution
+    encoder_weights: str = "default"  # backbone weights: default (weights table) | random | a path
 
 
 @dataclasses.dataclass
@@ -57,6 +63,10 @@ class FMState:
     n_fg: int
     n_bg: int
 
+
+#: the offline matcher of the ``cpu`` presets (fm and fm_fastsam): pretrained VGG-16 (HED) conv3 used
+#: directly, at S = 384 (a 96×96 grid: the synthetic defects are small)
+CPU_FM = {"encoder": "vgg16_hed", "encoder_layers": ("conv3",), "encoder_weights": "default", "image_size": 384}
 
 PAPER_ROWS = {  # Table 4 rows and the prototype ablation (Table 6) of FM-l
     "fm-l": {},
@@ -105,8 +115,9 @@ class FeatureMatching(Method):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
         **PAPER_ROWS,
-        # offline synthetic benchmark on 2 CPU cores: FM-s with random weights (flagged †)
-        "cpu": {"student": "s", "weights": "random"},
+        # offline synthetic benchmark on 2 CPU cores (no DINO, no published student here): Fig. 9's
+        # "teacher features used directly" with HED's VGG-16 conv3 (stride 4, like the student)
+        "cpu": CPU_FM,
         # contract test: FM-s, random weights, 64×64 inputs (16×16 grid)
         "test": {"student": "s", "weights": "random", "image_size": 64},
     }
@@ -123,8 +134,10 @@ class FeatureMatching(Method):
                 raise FdsError(f"fm: {key}='{getattr(c, key)}' is unknown; use one of {', '.join(allowed)}")
         if c.image_size % 4 or c.image_size < 32:
             raise FdsError(f"fm: image_size={c.image_size}; use a multiple of 4 (256 in the paper)")
-        self.arch = student_key(c.student, c.fm_l_arch)
-        published = c.weights in ("default", "", None) and self.arch in PUBLISHED.values()
+        self.direct = c.encoder != "student"  # Fig. 9: the teacher's own features, no student
+        self.arch = c.encoder if self.direct else student_key(c.student, c.fm_l_arch)
+        published = (c.encoder_weights in ("default", "", None) if self.direct
+                     else c.weights in ("default", "", None) and self.arch in PUBLISHED.values())
         self.requires = dataclasses.replace(type(self).requires, weights=(self.arch,) if published else ())
         on_cuda = str(device).startswith("cuda")
         self.use_bf16 = c.amp == "bf16" or (c.amp == "auto" and on_cuda)
@@ -140,9 +153,14 @@ class FeatureMatching(Method):
     # ---- model -------------------------------------------------------------------------------
     @property
     def student(self) -> torch.nn.Module:
+        """The encoder E: the student network, or the backbone used directly (``encoder``)."""
         if self._student is None:
             c = self.config
-            net, self._provenance = make_student(c.student, c.fm_l_arch, c.weights, c.random_seed)
+            if self.direct:
+                net = build_backbone(c.encoder, c.encoder_weights, device=self.device, seed=c.random_seed)
+                self._provenance = net.provenance["sha256"]
+            else:
+                net, self._provenance = make_student(c.student, c.fm_l_arch, c.weights, c.random_seed)
             self._student = net.to(self.device)
         return self._student
 
@@ -162,8 +180,15 @@ class FeatureMatching(Method):
         return contextlib.nullcontext()
 
     def encode(self, image: np.ndarray, what: str = "image") -> torch.Tensor:
-        """E(I): [1, 384, S/4, S/4] (inside the method's precision context)."""
-        return self.student(to_input(image, self.config.image_size, what).to(self.device))
+        """E(I): [1, 384, S/4, S/4] for a student; for a backbone the ``encoder_layers`` maps,
+        bilinearly resized to the finest one and concatenated (inside the method's precision context)."""
+        x = to_input(image, self.config.image_size, what).to(self.device)
+        if not self.direct:
+            return self.student(x)
+        maps = self.student.forward_features(x, layers=self.config.encoder_layers)
+        size = maps[0].shape[-2:]
+        return torch.cat([m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                          for m in maps], dim=1)
 
     # ---- the contract ------------------------------------------------------------------------
     def prepare(self, support: SupportSet) -> FMState:

@@ -20,8 +20,8 @@ from fdsbench.errors import FdsError
 from fdsbench.registry import register_method
 from fdsbench.types import Query, Requirements
 
+from fdsbench.methods.fm.method import CPU_FM, FeatureMatching, FMConfig, FMState
 from fdsbench.methods.fm.method import PAPER_ROWS as FM_ROWS
-from fdsbench.methods.fm.method import FeatureMatching, FMConfig, FMState
 
 from .fusion import FUSIONS, FusionParams, fuse
 
@@ -82,10 +82,10 @@ class FMFastSAM(FeatureMatching):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
         **FUSION_ROWS,
-        # offline synthetic benchmark on 2 CPU cores: FM-s + FastSAM-s, random weights (flagged †);
-        # the objectness bias makes the untrained FastSAM emit masks so that the fusion runs
-        "cpu": {"student": "s", "weights": "random", "fastsam": "s", "fastsam_weights": "random",
-                "random_class_bias": 2.0},
+        # offline synthetic benchmark on 2 CPU cores: fm's cpu encoder (HED VGG-16 conv3 used directly)
+        # + FastSAM-s with random weights (flagged †); the objectness bias makes the untrained FastSAM
+        # emit masks so that the fusion runs
+        "cpu": {**CPU_FM, "fastsam": "s", "fastsam_weights": "random", "random_class_bias": 2.0},
         "test": {"student": "s", "weights": "random", "image_size": 64, "fastsam": "s",
                  "fastsam_weights": "random", "fastsam_imgsz": 64, "random_class_bias": 2.0},
     }
