@@ -2,7 +2,7 @@
 
 Two feature front-ends share one head (module names = the official state dict, pfenet.md A8):
 
-* :class:`PFENet` — the official model: deep-base dilated ResNet-50/101 (or VGG-16-bn) as the
+* :class:`PFENet` — the official model: deep-base dilated ResNet-50/101 (or VGG-16) as the
   attributes ``layer0``..``layer4``; query/support "middle" features cat[layer3, layer2]; the
   support's layer4 runs on its MASKED layer3; the prior compares layer4 maps (paper §3.2).
 * :class:`TapPFENet` — the industrial variant of the SOFS comparison (SOFS appendix A.2): a frozen
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdsbench import weights as W
-from fdsbench.blocks.backbones import build_backbone
+from fdsbench.blocks.backbones import VGG_HED_CONFIGS, VGG16HED, build_backbone
 from fdsbench.blocks.features import CachedBackbone, frozen_encoder
 from fdsbench.blocks.losses import dice_loss, mixed_normal_dice_loss
 from fdsbench.blocks.masks import downsample_keep_small, weighted_gap
@@ -181,12 +181,36 @@ def vgg16_bn_layers() -> list[nn.Sequential]:
     return [nn.Sequential(*[feats[i] for i in range(a, b)]) for a, b in cuts]
 
 
+class CaffeInput(nn.Module):
+    """ImageNet-normalised RGB -> the BGR, mean-subtracted 0..255 input HED's VGG-16 was trained on."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return VGG16HED.caffe_input(x)
+
+
+def vgg16_hed_layers() -> tuple[list[nn.Sequential], dict]:
+    """HED's VGG-16 (ImageNet, fine-tuned on BSDS500; offline weights) split as PFENet splits VGG-16:
+    layer0..layer3 = stage 1..4 convolutions + their 2x2 ceil-mode max-pool, layer4 = stage 5
+    convolutions -> layer2 = pool3 (256 ch, stride 8), layer3 = pool4 (512, stride 16),
+    layer4 = conv5_3 (512, stride 16). layer0 starts with HED's Caffe input conversion."""
+    bb = build_backbone("vgg16_hed", "default")
+    layers = []
+    for s, widths in enumerate(VGG_HED_CONFIGS["vgg16_hed"], 1):
+        mods = [CaffeInput()] if s == 1 else []
+        for i in range(1, len(widths) + 1):
+            mods += [getattr(bb, f"conv{s}_{i}"), nn.ReLU(inplace=True)]
+        if s < 5:
+            mods.append(nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True))
+        layers.append(nn.Sequential(*mods))
+    return layers, dict(bb.provenance)
+
+
 class PFENet(PFENetHead):
     """The official PFENet (pfenet.md Part A): ``layer0``..``layer4`` + head, official key names.
 
-    ``backbone``: "deep_resnet50" | "deep_resnet101" | "vgg16_bn"; ``weights``: "random" or the
-    ImageNet file (resnet50_v2.pth); ``mask_layer4``: support layer4 on its masked layer3
-    (official; Part C trap 3); ``strict_size``: refuse inputs other than 8k+1 (official assert);
+    ``backbone``: "deep_resnet50" | "deep_resnet101" | "vgg16_bn" | "vgg16_hed" (HED's VGG-16, the
+    offline pretrained route); ``weights``: "random" or the ImageNet file (resnet50_v2.pth);
+    ``mask_layer4``: support layer4 on its masked layer3 (official; Part C trap 3); ``strict_size``: refuse inputs other than 8k+1 (official assert);
     ``backbone_bn``: "train" keeps the frozen backbone's BatchNorm in train mode when the model is
     (official; Part C trap 2) or "eval"."""
 
@@ -199,11 +223,17 @@ class PFENet(PFENetHead):
                 raise FdsError("pfenet: VGG-16-bn is built with random weights only; load an official "
                                "PFENet checkpoint (which holds the backbone) with load_official")
             layers, fea_dim, provenance = vgg16_bn_layers(), 512 + 256, {"name": backbone, "sha256": "random-init"}
+        elif backbone == "vgg16_hed":
+            if weights not in (None, "default"):
+                raise FdsError("pfenet: vgg16_hed takes its weights from the weights table (weights=default)")
+            layers, provenance = vgg16_hed_layers()
+            fea_dim = 512 + 256
         elif backbone in ("deep_resnet50", "deep_resnet101"):
             bb = build_backbone(backbone, weights, seed=0)
             layers, fea_dim, provenance = [getattr(bb, n) for n in self.LAYERS], 1024 + 512, dict(bb.provenance)
         else:
-            raise FdsError(f"pfenet: official backbone must be deep_resnet50, deep_resnet101 or vgg16_bn, not '{backbone}'")
+            raise FdsError(f"pfenet: official backbone must be deep_resnet50, deep_resnet101, vgg16_bn or vgg16_hed, "
+                           f"not '{backbone}'")
         if backbone_bn not in ("train", "eval"):
             raise FdsError(f"pfenet: backbone_bn={backbone_bn!r} is not one of train, eval")
         super().__init__(fea_dim, **head)
@@ -213,6 +243,7 @@ class PFENet(PFENetHead):
             p.requires_grad_(False)
         self.backbone_provenance = provenance
         self.mask_layer4, self.strict_size, self.backbone_bn = mask_layer4, strict_size, backbone_bn
+        self.backbone_has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for layer in layers for m in layer.modules())
 
     def backbone_parameters(self):
         for name in self.LAYERS:
