@@ -156,7 +156,7 @@ class HDMNetMethod(Method):
         # eta = 1e5; steps and lr chosen by measurement (README). Not the paper's numbers.
         "cpu": {"backbone": "vgg16_hed", "weights": "default", "layers": (3, 4), "merge_dim": 256, "image_size": 64,
                 "loss": "ce_mndl", "nr": True, "eta": 1e5, "epochs": 8, "max_iters_per_epoch": 50,
-                "batch_size": 2, "lr": 6e-5, "cache_images": 512},
+                "batch_size": 2, "lr": 1e-4, "cache_images": 512},
         # tiny official model (32 px) for the tests of the two-stage fit
         "test_official": {**_official, "weights": "random", "image_size": 32, "reduce_dim": 16, "embed_dim": 16,
                           "epochs": 1, "batch_size": 2, "max_iters_per_epoch": 2, "lr": 1e-3, "base_epochs": 1,
