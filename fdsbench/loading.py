@@ -211,9 +211,13 @@ class EpisodeLoader:
             data = self.disk.read(name)
             if data is not None:
                 try:
-                    return np.load(io.BytesIO(data), allow_pickle=False)
+                    arr = np.load(io.BytesIO(data), allow_pickle=False)
                 except (ValueError, OSError, EOFError):  # cut short or damaged: decoded again
                     pass
+                else:
+                    if isinstance(arr.base, np.ndarray):  # np.load's own buffer: nobody else writes it
+                        arr.base.setflags(write=False)
+                    return arr
             arr = make()
             buf = io.BytesIO()
             np.save(buf, arr, allow_pickle=False)

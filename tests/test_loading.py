@@ -197,6 +197,8 @@ def test_decoded_images_and_masks_persist_on_disk_for_the_next_process(tmp_path,
         assert np.array_equal(later.image(i), images[i]) and later.image(i).flags.writeable
         assert np.array_equal(later._mask(i, ep.defect_class), masks[i])
     assert calls == []  # nothing decoded
+    from fdsbench.metrics.meterset import _immutable
+    assert _immutable(later._mask(ids[0], ep.defect_class))  # its regions are labelled once
 
     other = get_dataset("synthetic")(None)
     other.__dict__["dataset_hash"] = "0" * 16  # another content (an edited file): other keys

@@ -310,3 +310,13 @@ def test_ground_truth_regions_of_a_shared_mask_are_labelled_once():
     assert fresh[2].tolist() == [24, 19] and fresh[0].tolist() == np.flatnonzero(g).tolist()
     w = g.copy()  # a writable mask may change: labelled every time
     assert ground_truth_pixels(w, 8) is not ground_truth_pixels(w, 8)
+
+
+def test_a_read_only_view_of_a_writable_mask_is_not_remembered():
+    base = np.zeros((20, 20), bool)
+    base[2:5, 2:5] = True
+    view = base[:]
+    view.setflags(write=False)
+    first = ground_truth_pixels(view, 8)
+    base[10:12, 10:12] = True  # the owner changes: the view's regions must be counted again
+    assert ground_truth_pixels(view, 8)[2].tolist() == [9, 4] != first[2].tolist()

@@ -91,9 +91,18 @@ def _in_halves(fn, n: int) -> list:
 _REGIONS: dict[tuple[int, int], tuple] = {}
 
 
+def _immutable(a) -> bool:
+    """Whether no one can change ``a``'s pixels: read-only down to an owner that is read-only too."""
+    while isinstance(a, np.ndarray):
+        if a.flags.writeable:
+            return False
+        a = a.base
+    return a is None or isinstance(a, bytes)
+
+
 def ground_truth_pixels(g: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indices of the ground-truth pixels in row-major order, the connected region of each,
-    the pixel count of each region) of a bool mask. A read-only mask (a shared decoded mask) is
+    the pixel count of each region) of a bool mask. An immutable mask (a shared decoded mask) is
     labelled once while it lives, whichever thread asks first (the loader labels queries ahead)."""
     key = (id(g), connectivity)
     hit = _REGIONS.get(key)
@@ -112,7 +121,7 @@ def ground_truth_pixels(g: np.ndarray, connectivity: int = 8) -> tuple[np.ndarra
     else:
         reg, sizes = np.zeros(0, np.int64), np.zeros(0, np.int64)
     out = (pos_idx, reg, sizes)
-    if not g.flags.writeable:
+    if _immutable(g):
         for a in out:
             a.setflags(write=False)
         _REGIONS[key] = (weakref.ref(g, lambda _, k=key: _REGIONS.pop(k, None)), out)
