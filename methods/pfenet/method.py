@@ -175,7 +175,7 @@ class PFENetMethod(Method):
         "cpu": {"arch": "official", "backbone": "vgg16_hed", "weights": "default", "strict_size": False,
                 "image_size": 128, "window": 256, "nr": True, "test_path": "sliding",
                 "ppm_scales": (1.0, 0.5, 0.25, 0.125), "mask_rule": "gfds", "dice": "mndl", "dice_weight": 3.0,
-                "alpha": 0.0, "train_s_in_shot": 1, "epochs": 12, "max_iters_per_epoch": 30, "batch_size": 2,
+                "alpha": 0.0, "train_s_in_shot": 1, "epochs": 18, "max_iters_per_epoch": 30, "batch_size": 2,
                 "lr": 0.0025, "cache_images": 512},
         "test": {"backbone": "resnet18", "weights": "random", "layers": (2, 3), "merge_dim": 32, "image_size": 64,
                  "reduce_dim": 16, "epochs": 1, "batch_size": 2, "max_iters_per_epoch": 2, "cache_images": 64},
