@@ -197,17 +197,19 @@ class EpisodeLoader:
         self.cache = _shared_cache(ds, int(cache_mb * 2 ** 20))
         ds.index  # noqa: B018 - build the (cached) index before worker threads read it
         self.disk = decoded_dir()
-        self._content = ds.dataset_hash if self.disk is not None else None
+        if self.disk is not None:  # what every disk key holds besides the item: content and decoders
+            from PIL import __version__ as pillow
+
+            self._disk_key = [DISK_FORMAT, ds.dataset_hash, cv2.__version__, pillow]
 
     # ---- decoding ----------------------------------------------------------------------------
     def _decoded(self, key: tuple, make: Callable[[], np.ndarray]) -> np.ndarray:
         """``make()`` through the memory cache and the on-disk tier (module docstring)."""
         if self.disk is None:
             return self.cache.get(key, make)
-        from PIL import __version__ as pillow
 
         def through_disk() -> np.ndarray:
-            name = content_hash([DISK_FORMAT, self._content, list(key), cv2.__version__, pillow], length=32)
+            name = content_hash([*self._disk_key, list(key)], length=32)
             data = self.disk.read(name)
             if data is not None:
                 try:

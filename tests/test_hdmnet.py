@@ -305,10 +305,7 @@ LEARN_MARGIN = 0.1  # measured: 0.258 trained vs 0.058 untrained
 
 
 def test_hdmnet_learns(tmp_path):
-    from test_learning import pooled_iou, toy_train_source
+    from test_learning import meta_trained_pair
 
-    untrained = M.from_preset("cpu", LEARN_RECIPE)
-    trained = M.from_preset("cpu", LEARN_RECIPE)
-    trained.fit(toy_train_source(), tmp_path)
-    before, after = pooled_iou(untrained), pooled_iou(trained)
+    before, after = meta_trained_pair(M, LEARN_RECIPE, tmp_path)
     assert after > before + LEARN_MARGIN, f"hdmnet: pooled IoU {after:.3f} after training vs {before:.3f} untrained"

@@ -74,13 +74,18 @@ SOFS_RECIPE = {"backbone": "resnet18", "weights": "random", "layers": (2, 3), "p
 SOFS_MARGIN = 0.1  # measured: 0.158 trained vs 0.000 untrained
 
 
+def meta_trained_pair(method_cls, recipe: dict, tmp_path) -> tuple[float, float]:
+    """Pooled IoU of the cpu preset with ``recipe`` untrained and after ``fit`` on the toy base classes."""
+    untrained = method_cls.from_preset("cpu", recipe)
+    trained = method_cls.from_preset("cpu", recipe)
+    trained.fit(toy_train_source(), tmp_path)
+    return pooled_iou(untrained), pooled_iou(trained)
+
+
 def sofs_pair(tmp_path):
     from fdsbench.methods.sofs import SOFSMethod
 
-    untrained = SOFSMethod.from_preset("cpu", SOFS_RECIPE)
-    trained = SOFSMethod.from_preset("cpu", SOFS_RECIPE)
-    trained.fit(toy_train_source(), tmp_path)
-    return pooled_iou(untrained), pooled_iou(trained)
+    return meta_trained_pair(SOFSMethod, SOFS_RECIPE, tmp_path)
 
 
 def test_sofs_learns(tmp_path):

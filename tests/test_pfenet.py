@@ -310,12 +310,9 @@ PFENET_MARGIN = 0.3
 
 
 def test_pfenet_learns(tmp_path):
-    from test_learning import pooled_iou, toy_train_source
+    from test_learning import meta_trained_pair
 
-    untrained = M.from_preset("cpu", PFENET_RECIPE)
-    trained = M.from_preset("cpu", PFENET_RECIPE)
-    trained.fit(toy_train_source(), tmp_path)
-    before, after = pooled_iou(untrained), pooled_iou(trained)
+    before, after = meta_trained_pair(M, PFENET_RECIPE, tmp_path)
     assert after > before + PFENET_MARGIN, f"pfenet: pooled IoU {after:.3f} after training vs {before:.3f} untrained"
 
 
