@@ -101,12 +101,12 @@ class SOFSMethod(Method):
         "paper_resnet50": {"backbone": "resnet50", "layers": (2, 3), "image_size": 512, "patch": 8,
                            "reduce_dim": 64, "embed_dim": 64, "batch_size": 28},
         # CPU-sized: HED's VGG-16 (offline weights, provenance hed_bsds500), conv3 + conv4 merged
-        # (256 ch, stride 4 = l), 64-px input for the 256-px native windows/crops of the synthetic
-        # protocol (a 16 x 16 grid keeps the attention cheap), C = C1 = 64, 800 steps of 2 episodes at
-        # 6x the paper's lr, eta = 1e5; from lr 1e-4 up (eta = 1 too) every logit ended negative on
-        # synthetic fold 0 (README). Not the paper's numbers.
+        # (256 ch, stride 4 = l), 96-px input for the 256-px native windows/crops of the synthetic
+        # protocol (a 24 x 24 grid: a feature cell covers ~11 native px, the paper's 518/14 covers 14),
+        # C = C1 = 64, 750 steps of 2 episodes at 6x the paper's lr, eta = 1e5; from lr 1e-4 up (eta = 1
+        # too) every logit ended negative on synthetic fold 0 (README). Not the paper's numbers.
         "cpu": {"backbone": "vgg16_hed", "weights": "default", "layers": (3, 4), "merge_dim": 256,
-                "image_size": 64, "patch": 4, "reduce_dim": 64, "embed_dim": 64, "epochs": 16,
+                "image_size": 96, "patch": 4, "reduce_dim": 64, "embed_dim": 64, "epochs": 15,
                 "max_iters_per_epoch": 50, "batch_size": 2, "lr": 6e-5, "eta": 1e5, "cache_images": 512},
         "test": {"backbone": "resnet18", "weights": "random", "layers": (2, 3), "merge_dim": 32,
                  "image_size": 64, "patch": 8, "reduce_dim": 16, "embed_dim": 16, "heads": 2,
