@@ -155,7 +155,7 @@ class HDMNetMethod(Method):
         # stages; stride 4), 64-px windows for the 256-px native windows/crops of the synthetic protocol,
         # eta = 1e5; steps and lr chosen by measurement (README). Not the paper's numbers.
         "cpu": {"backbone": "vgg16_hed", "weights": "default", "layers": (3, 4), "merge_dim": 256, "image_size": 64,
-                "loss": "ce_mndl", "nr": True, "eta": 1e5, "epochs": 8, "max_iters_per_epoch": 50,
+                "loss": "ce_mndl", "nr": True, "eta": 1e5, "epochs": 20, "max_iters_per_epoch": 50,
                 "batch_size": 2, "lr": 1e-4, "cache_images": 512},
         # tiny official model (32 px) for the tests of the two-stage fit
         "test_official": {**_official, "weights": "random", "image_size": 32, "reduce_dim": 16, "embed_dim": 16,
