@@ -45,7 +45,7 @@ from .metrics.meterset import state_from_arrays, state_to_arrays
 from .timing import ShapeWarmup, accelerate, autocast
 from .datasets_cli import open_dataset
 from .registry import get_dataset, get_method, load_plugin
-from .seeding import derive_seed, seed_everything
+from .seeding import cpu_threads, derive_seed, seed_everything
 from .types import Episode, Query, Shot, SupportSet
 
 
@@ -242,7 +242,7 @@ def run_identity(spec: BenchSpec, method: Method, trained_on: dict | None, proto
     """Everything besides the manifest (which carries the dataset's content hash, fold, shot, seed
     and protocol) that can change a number of the run: a record is reused only when all of it is
     equal. Paths are not identity; the content they name is."""
-    return {"method": method.name, "config_hash": config_hash(method.config),
+    return {"method": method.name, "config_hash": config_hash(method.config), **cpu_threads(spec.device),
             "weights": method.weights_provenance(),
             "trained_on": {k: v for k, v in trained_on.items() if k != "data_root"} if trained_on else None,
             "threshold": spec.threshold, "score_mode": spec.score_mode, "precision": spec.precision,
@@ -290,9 +290,9 @@ def fit_or_load(spec: BenchSpec, method: Method, ds: DatasetAdapter, proto: dict
     crop = int(proto.get("crop_size") or 0) if proto.get("crops", True) else 0
     trained_on = {"dataset": tds.name, "data_root": str(tds.root), "dataset_hash": tds.dataset_hash,
                   "fold": tfold, "objects": "all" if tfold < 0 else "base folds", "seed": spec.train_seed,
-                  "shot": spec.shot, "crop_size": crop}
+                  "shot": spec.shot, "crop_size": crop, **cpu_threads(spec.device)}
     key = content_hash([method.name, config_dict(method.config), tds.dataset_hash, tfold, spec.train_seed,
-                        spec.shot, crop], 12)
+                        spec.shot, crop, *cpu_threads(spec.device).values()], 12)
     what = "all" if tfold < 0 else f"fold{tfold}"
     ckpt = Path(spec.workdir) / "checkpoints" / f"{method.name}_{tds.name}_{what}_train{spec.train_seed}_{key}.pt"
     rank, size = world()

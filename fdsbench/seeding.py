@@ -34,6 +34,17 @@ def seed_everything(seed: int) -> None:
         torch.mps.manual_seed(seed)
 
 
+def cpu_threads(device: str) -> dict:
+    """``{"torch_threads": n}`` on the CPU, else ``{}``. torch's CPU kernels split their float sums by
+    thread, so the thread count changes trained weights and thresholded outputs (a 1-thread and a
+    2-thread training of one preset can differ by points of mIoU): results are keyed by it."""
+    if str(device).split(":")[0] != "cpu":
+        return {}
+    import torch
+
+    return {"torch_threads": torch.get_num_threads()}
+
+
 @functools.cache
 def _accelerators() -> tuple[bool, bool]:
     import torch

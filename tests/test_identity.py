@@ -254,3 +254,25 @@ def test_training_is_keyed_by_the_test_shot(synthetic, tmp_path):
     assert ShotRecorder.trained == [(1, 256), (5, 256)]  # the 1-shot model is reused, not retrained
     assert r1["checkpoint"] != r5["checkpoint"]
     assert r1["trained_on"]["shot"] == 1 and r5["trained_on"]["shot"] == 5
+
+
+def test_cpu_thread_count_keys_training_and_records(synthetic, tmp_path):
+    """torch's CPU sums depend on the thread count, so a model trained, or a record made, with one
+    thread is never reused for a run with two."""
+    import torch
+
+    ShotRecorder.trained.clear()
+    before = torch.get_num_threads()
+    kw = dict(method="shot_recorder_id", dataset="synthetic", fold=0, shot=1, max_episodes=1)
+    try:
+        torch.set_num_threads(1)
+        r1 = bench(tmp_path, **kw)
+        torch.set_num_threads(2)
+        r2 = bench(tmp_path, **kw)
+        again = bench(tmp_path, **kw)
+    finally:
+        torch.set_num_threads(before)
+    assert ShotRecorder.trained == [(1, 256), (1, 256)]  # trained once per thread count
+    assert r1["checkpoint"] != r2["checkpoint"] and r1["run_id"] != r2["run_id"]
+    assert r1["identity"]["torch_threads"] == 1 and r2["trained_on"]["torch_threads"] == 2
+    assert again["created"] == r2["created"]  # the same thread count reuses the record

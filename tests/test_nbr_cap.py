@@ -328,6 +328,12 @@ def test_fitted_weights_are_cached_and_reused(tmp_path, monkeypatch):
     m3 = NBRCaP.from_preset("test", {"cache": True, "cap_prob": 0.25})
     m3.workdir = tmp_path
     assert m3.cache_path(sup) != st1.path
+    threads = torch.get_num_threads()  # another CPU thread count: torch's sums differ, so a new key
+    try:
+        torch.set_num_threads(threads + 1)
+        assert m2.cache_path(sup) != st1.path
+    finally:
+        torch.set_num_threads(threads)
     # the fit itself is deterministic under the episode seed (no cache)
     m4 = NBRCaP.from_preset("test")
     assert np.array_equal(m4.predict(m4.prepare(_support()), q), p1)

@@ -2,7 +2,7 @@
 images plus the product's normal pool (nbr-cap.md §6), ``predict`` is one forward pass.
 
 Fitted weights are cached under ``self.workdir`` keyed by (class, support ids, seed, config hash,
-encoder weights, normal pool ids), so an episode with the same supports does not refit."""
+encoder weights, normal pool ids, CPU thread count), so an episode with the same supports does not refit."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +25,7 @@ from fdsbench.io import atomic_write_bytes, content_hash
 from fdsbench.method import Method
 from fdsbench.registry import register_method
 from fdsbench.types import Query, Requirements, SupportSet
+from fdsbench.seeding import cpu_threads
 
 from . import train as T
 from .model import AlbuNet34
@@ -168,7 +169,7 @@ class NBRCaP(Method):
         return content_hash({
             "class": support.class_key, "supports": [s.id for s in support.shots], "seed": int(support.seed),
             "config": config_hash(self.config), "weights": self.weights_provenance()["resnet34"],
-            "normal_pool": content_hash(list(getattr(pool, "ids", []))),
+            "normal_pool": content_hash(list(getattr(pool, "ids", []))), **cpu_threads(self.device),
         })
 
     def cache_path(self, support: SupportSet) -> Path | None:
