@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fdsbench.blocks.backbones import backbone_names, build_backbone, merge_layer23
+from fdsbench.blocks.backbones import backbone_names, build_backbone, merge_layer23, required_weights
 from fdsbench.errors import FdsError, UnknownNameError, WeightsError
 from fdsbench.netguard import no_network  # noqa: F401  (pytest fixture)
 
@@ -241,3 +241,19 @@ def test_unknown_names_and_default_lookup_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FDSBENCH_CACHE", str(tmp_path / "c"))
     with pytest.raises(WeightsError, match="resnet50-0676ba61.pth.*download.pytorch.org"):
         build_backbone("resnet50")  # no silent random init
+
+
+def test_required_weights_name_what_the_configuration_loads():
+    """A run record's ``requires.weights`` names the encoder weights of its configuration (the
+    cpu presets' HED VGG-16, not the paper's DINOv2), nothing for a random init or a user file."""
+    from fdsbench.registry import get_method
+
+    assert required_weights("vgg16_hed", "default") == ("vgg16_hed",)
+    assert required_weights("dinov2_vitb14", "") == ("dinov2_vitb14",)
+    assert required_weights("deep_resnet50", "default") == ("resnet50_v2_deepbase",)
+    assert required_weights("resnet18", "random") == ()
+    assert required_weights("resnet50", "/my/weights.pth") == ()
+    for name in ("proto", "sofs", "pfenet", "hdmnet"):
+        cls = get_method(name)
+        assert cls.from_preset("test").requires.weights == ()  # random-init test presets
+        assert cls.requires.weights  # the class keeps the paper's requirement for listings

@@ -20,6 +20,7 @@ model softmax over final_out, whose argmax is the official prediction).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fdsbench import weights as W
-from fdsbench.blocks.backbones import build_backbone
+from fdsbench.blocks.backbones import build_backbone, required_weights
 from fdsbench.blocks.backbones.deep_resnet import deep_base_key_map
 from fdsbench.blocks.backbones.taps import feature_taps, tap_dims
 from fdsbench.blocks.losses import dice_loss, mixed_normal_dice_loss
@@ -175,6 +176,7 @@ class HDMNetMethod(Method):
     def __init__(self, config=None, device: str = "cpu"):
         super().__init__(config, device)
         c = self.config
+        self.requires = dataclasses.replace(type(self).requires, weights=required_weights(c.backbone, c.weights))
         for name, value, allowed in (("variant", c.variant, VARIANTS), ("loss", c.loss, LOSSES),
                                      ("resize", c.resize, RESIZES), ("amp", c.amp, ("fp32", "bf16"))):
             if value not in allowed:

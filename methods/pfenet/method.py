@@ -22,6 +22,7 @@ iteration, per-epoch resumable checkpoints (the shared TrainLoop).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fdsbench import weights as W
-from fdsbench.blocks.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from fdsbench.blocks.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, required_weights
 from fdsbench.blocks.backbones.taps import feature_taps, tap_dims
 from fdsbench.blocks.fss_episodes import FSSEpisodes, FSSSettings
 from fdsbench.blocks.nr import EpisodeSampler, NRSettings
@@ -187,6 +188,7 @@ class PFENetMethod(Method):
     def __init__(self, config=None, device: str = "cpu"):
         super().__init__(config, device)
         c = self.config
+        self.requires = dataclasses.replace(type(self).requires, weights=required_weights(c.backbone, c.weights))
         for name, value, allowed in (("arch", c.arch, ("official", "taps")), ("test_path", c.test_path,
                                      ("canvas", "resize", "sliding")), ("dice", c.dice, ("none", "dice", "mndl")),
                                      ("amp", c.amp, ("fp32", "bf16")),

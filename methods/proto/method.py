@@ -11,13 +11,14 @@ It is a baseline to exercise the pipeline and to anchor comparisons, not a paper
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fdsbench.blocks.backbones import build_backbone, imagenet_normalize
+from fdsbench.blocks.backbones import build_backbone, imagenet_normalize, required_weights
 from fdsbench.blocks.features import CachedBackbone
 from fdsbench.method import Method
 from fdsbench.registry import register_method
@@ -51,6 +52,7 @@ class Proto(Method):
     def __init__(self, config=None, device="cpu"):
         super().__init__(config, device)
         c = self.config
+        self.requires = dataclasses.replace(type(self).requires, weights=required_weights(c.backbone, c.weights))
         self.backbone = build_backbone(c.backbone, c.weights, device=device, seed=0)
         # queries recur over the test seeds of a manifest and supports over its episodes
         self.encoder = CachedBackbone.from_env(self.backbone)

@@ -10,6 +10,7 @@ is the abnormal prior (FAD, §2.10). fit(): NR episodic training with MNDL + 0.0
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from fdsbench import weights as W
-from fdsbench.blocks.backbones import build_backbone
+from fdsbench.blocks.backbones import build_backbone, required_weights
 from fdsbench.blocks.backbones.taps import feature_taps, tap_dims
 from fdsbench.config import config_hash
 from fdsbench.errors import FdsError
@@ -118,6 +119,7 @@ class SOFSMethod(Method):
     def __init__(self, config=None, device: str = "cpu"):
         super().__init__(config, device)
         c = self.config
+        self.requires = dataclasses.replace(type(self).requires, weights=required_weights(c.backbone, c.weights))
         for name, value, allowed in (("mask_downsample", c.mask_downsample, ("pfim", "bilinear", "nearest")),
                                      ("loss", c.loss, ("mndl", "dice")),
                                      ("fusion", c.fusion, ("nonlearnable", "learnable")),

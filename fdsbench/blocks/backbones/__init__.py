@@ -34,12 +34,26 @@ from .vit import VIT_CONFIGS, VisionTransformer, build_vit
 
 __all__ = ["build_backbone", "merge_layer23", "backbone_names", "BackboneMixin", "VisionTransformer",
            "ResNetBackbone", "DeepBaseResNet", "VGG16HED", "imagenet_normalize", "IMAGENET_MEAN", "IMAGENET_STD",
-           "RANDOM_INIT",           "state_fingerprint", "load_backbone_weights"]
+           "RANDOM_INIT", "state_fingerprint", "load_backbone_weights", "required_weights"]
 
 
 def backbone_names() -> list[str]:
     return sorted(list(VIT_CONFIGS) + list(RESNET_CONFIGS) + list(DEEP_RESNET_CONFIGS)
                   + list(VGG_HED_CONFIGS))
+
+
+#: weights-table entries of the encoders whose entry is not named like the encoder
+_TABLE_ENTRY = {"deep_resnet50": "resnet50_v2_deepbase"}
+
+
+def required_weights(name: str, weights: str | None) -> tuple[str, ...]:
+    """The weights-table entries an encoder built with ``weights`` needs (what a method's
+    ``requires.weights`` names for its configuration): none for a random init or a file given by
+    path, else the encoder's entry (empty when the table has none)."""
+    if weights not in (None, "", "default"):
+        return ()
+    entry = _TABLE_ENTRY.get(name, name)
+    return (entry,) if entry in W.table() else ()
 
 
 def _dinov2_key_map(sd: dict, module: nn.Module) -> dict:
