@@ -25,7 +25,7 @@ Printed: backbone calls and images encoded per method and in total, wall time, t
 B/C, and whether every output of B and C equals A's (sha256 of the probability maps).
 
 ``--mode encoder``: one encoder on the windows and crops of the episodes (what a SOFS-style method
-encodes; sofs.md §2, protocol-sofs.md §5). Per episode the encoder sees
+encodes). Per episode the encoder sees
 
 * the support: each defect-centred crop box of the manifest (``--size`` px, native resolution), or
   the whole image resized to ``--size`` (longest side, zero padded) when the manifest keeps it whole;

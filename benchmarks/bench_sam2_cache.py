@@ -1,8 +1,8 @@
 """Per-query time of the SAM2 video-track cached path vs the official predictor path.
 
 Ours (fdsbench method ``sam2``): ``prepare`` encodes the support frame and its mask memory once,
-then each query runs only image encoder + memory attention + decoder (spec sam2-videotrack.md §6
-recipe B). Official: a fresh two-frame ``SAM2VideoPredictor`` state per query over a folder of
+then each query runs only image encoder + memory attention + decoder (the
+low-level recipe). Official: a fresh two-frame ``SAM2VideoPredictor`` state per query over a folder of
 JPEG frames (init_state → add_new_mask → propagate_in_video), i.e. what a script built on the
 predictor does per episode. Both run the same weights (random init, object score forced positive so
 the decoder path is realistic) on the same decoded frames; the script also reports the largest

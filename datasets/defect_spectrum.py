@@ -1,6 +1,6 @@
 """Defect Spectrum (re-annotated MVTec AD, DAGM 2007, VISION V1 parts, Cotton-Fabric), SOFS folds.
 
-Layout (protocol-sofs.md §1.2; official SOFS loader ``datasets/ds_spectrum_fsss_ND.py``)::
+Layout (official SOFS loader ``datasets/ds_spectrum_fsss_ND.py``)::
 
     MVTec-derived objects:  <root>/<obj>/image/<defect_type>/<name>.png|jpg
                             <root>/<obj>/mask/<defect_type>/<name>_mask.png

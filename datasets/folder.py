@@ -1,4 +1,4 @@
-"""Own data in a plain folder layout (the SOFS open-domain layout, protocol-sofs.md §1.3, extended
+"""Own data in a plain folder layout (the SOFS open-domain layout, extended
 with optional query masks and a normal pool)::
 
     <root>/<object>/support/image/<stem>.png|jpg      support images (fixed by the user)

@@ -1,7 +1,7 @@
 """The GFDS collection (Liu et al., "Exploring Few-Shot Defect Segmentation in General Industrial
 Scenarios ..."): 12 products, 54 defect classes, and its 2-fold cross-domain split.
 
-Layout expected by the official loader (fm-fastsam.md §1.2, liutongkun/GFDS fewshot_defectloader.py)::
+Layout expected by the official loader (liutongkun/GFDS fewshot_defectloader.py)::
 
     <root>/<ProductFolder>/images/<defectFolder>/<any file names>
     <root>/<ProductFolder>/ground_truth/<defectFolder>/<any file names>
@@ -31,7 +31,7 @@ PRODUCTS = ["tile", "grid", "Steel", "KolektorSDD", "PSP", *[f"Class{i}" for i i
             "Large", "Phone", "capsules", "macaroni2"]
 THRESHOLD = 30
 #: loader keys per product in the order the official evaluation (main.py) iterates them, which the
-#: ``draw: gfds`` option of the fss protocol replays (fm-fastsam.md §1.3); not plain sorting for DAGM
+#: ``draw: gfds`` option of the fss protocol replays; not plain sorting for DAGM
 #: (Class1..Class10 in numeric order) and Side (holes before boundary).
 OFFICIAL_ORDER = {
     "tile": ["tile_crack", "tile_glue_strip", "tile_gray_stroke", "tile_oil", "tile_rough"],

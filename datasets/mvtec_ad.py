@@ -10,7 +10,7 @@ Publisher's layout (mvtec.com, MVTec AD download; the same tree every public loa
 Records: ``train/good`` -> normal, split "train"; ``test/good`` -> normal, split "test"; each
 ``test/<defect_type>`` image -> class ``<category>/<defect_type>`` (``combined`` is a class of its
 own, as published), split "test". Protocols: ``fad`` (K train/good supports, every test image a
-query, ground truth = union of defects) and ``per_support`` / the NBR+CaP protocol (nbr-cap.md §5;
+query, ground truth = union of defects) and ``per_support`` / the NBR+CaP protocol (paper Table I;
 K defect images per category for training, the rest for test — see the README for the episode
 change it needs). One fold holding all 15 categories.
 """

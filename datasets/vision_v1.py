@@ -1,6 +1,6 @@
 """VISION V1 (CVPR 2023 VISION workshop): 14 objects, COCO polygon annotations, SOFS folds.
 
-Layout (protocol-sofs.md §1.1; the official SOFS loader ``datasets/utilis_data.py``)::
+Layout (the official SOFS loader ``datasets/utilis_data.py``)::
 
     <root>/<Object>/train/_annotations.coco.json   + the images it lists (file_name)
     <root>/<Object>/val/_annotations.coco.json     + the images it lists
@@ -67,7 +67,7 @@ class VisionV1(DatasetAdapter):
 
     folds = load_folds("vision_v1")
     protocol_defaults = {"fss": {"crop_size": 518, "area_resize_ratio": 0.01}}
-    #: SOFS train.sh: area_resize_ratio per fold (protocol-sofs.md §3.3, trap 5)
+    #: SOFS train.sh: area_resize_ratio per fold
     AREA_RESIZE_RATIO = (0.01, 0.005, 0.01)
 
     def protocol_defaults_for(self, fold: int) -> dict:

@@ -1,4 +1,4 @@
-"""The non-resizing crop sampler of SOFS (protocol-sofs.md §3.6), shared by the episode manifests
+"""The non-resizing crop sampler of SOFS (paper §3.2.2), shared by the episode manifests
 (support crops) and by training loaders (defect and normal crops)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def sample_crop(mask: np.ndarray, crop_size: int, rng: np.random.Generator, cent
     The centre pixel (cy, cx) is drawn uniformly from the defect pixels (``centre_on_defect``) or
     from the non-defect pixels; offsets dd, dr are uniform on {0..c}; then
     bottom = cy + min(H - cy, dd), right = cx + min(W - cx, dr), top = bottom - th,
-    left = right - tw, shifted inside the image (§3.6). The crop keeps native resolution."""
+    left = right - tw, shifted inside the image. The crop keeps native resolution."""
     H, W = mask.shape
     c = int(crop_size)
     th, tw = min(c, H), min(c, W)
@@ -33,6 +33,6 @@ def sample_crop(mask: np.ndarray, crop_size: int, rng: np.random.Generator, cent
 
 
 def is_large(mask: np.ndarray, area_resize_ratio: float) -> bool:
-    """The SOFS 1 % rule (§3.3): a support whose defect covers more than ``area_resize_ratio`` of
+    """The SOFS 1 % rule (paper appendix A.2): a support whose defect covers more than ``area_resize_ratio`` of
     the image is resized whole instead of cropped."""
     return float(mask.mean()) > area_resize_ratio

@@ -373,7 +373,7 @@ class DatasetAdapter:
         """Bool mask [H, W] of class ``cls`` (a class name, or ``"*"`` = union of all defects).
 
         ``size=(h, w)``: the mask of a resizing protocol (GFDS 256x256: the grey mask is resized
-        bilinearly, OpenCV-style, then the adapter's threshold applies — fm-fastsam.md §1.2); class-index
+        bilinearly, OpenCV-style, then the adapter's threshold applies — the official GFDS loader); class-index
         and polygon masks are resized nearest. Without ``size`` the mask is exact, at the image size."""
         rec = self.record(image_id)
         if size is not None:

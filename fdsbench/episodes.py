@@ -4,15 +4,15 @@ not depend on worker count, batch size or number of processes.
 
 Protocols (``protocol["name"]``):
 
-* ``fss`` — few-shot defect segmentation as in SOFS (protocol-sofs.md §3): every image of every test
+* ``fss`` — few-shot defect segmentation as in SOFS: every image of every test
   class is a query once; ``shot`` support images of the same class (never the query); with
   ``crops: true`` (non-resizing, the default) each small-defect support carries ``crops_per_shot``
   defect-centred crop boxes of ``crop_size`` (1-shot: 4 crops, 5-shot: 1 crop each) and a support
   whose defect area exceeds ``area_resize_ratio`` is used whole.
-* ``fad`` — few-shot anomaly detection (protocol-sofs.md §8): per test object, ``shot`` defect-free
+* ``fad`` — few-shot anomaly detection (SOFS paper §4.1, Table 3): per test object, ``shot`` defect-free
   supports (train split if the dataset has one) and every other image of the object as a query;
   ground truth = union of all defects.
-* ``per_support`` — fit-per-support methods (nbr-cap.md §5): per test class and seed, ``shot``
+* ``per_support`` — fit-per-support methods (NBR+CaP paper §IV-B): per test class and seed, ``shot``
   support images and all other images of the class as queries; ``scope: object`` draws the supports
   per product (class ``"<object>/*"``, defective test images and test-split normals as queries).
 
@@ -121,7 +121,7 @@ def _rng(seed: int, *keys) -> np.random.Generator:
 
 
 def _draw(pool: list[str], k: int, rng: np.random.Generator) -> list[str]:
-    """k ids from pool: without replacement if enough, else with replacement (§3.2)."""
+    """k ids from pool: without replacement if enough, else with replacement."""
     if len(pool) >= k:
         return [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
     return [pool[i] for i in rng.integers(0, len(pool), size=k)]
@@ -138,7 +138,7 @@ def _support_ref(ds: DatasetAdapter, image_id: str, cls: str, proto: dict, rng) 
 
 
 def _gfds_draw(ds: DatasetAdapter, objects: list[str], shot: int, seed: int) -> tuple[list[Episode], list[str]]:
-    """The GFDS evaluation's pairing (fm-fastsam.md §1.3), replayed: per product, Python ``random``
+    """The GFDS evaluation's pairing (official GFDS ``main.py``), replayed: per product, Python ``random``
     seeded 2 (+ ``seed``: seed 0 is the official pairing); every image of every class is a query once,
     classes in the script's order, images sorted; supports = ``random.sample`` of min(shot, n) from the
     sorted other images of the class (fewer than ``shot`` when the class is that small)."""
@@ -176,7 +176,7 @@ def generate(ds: DatasetAdapter, fold: int, shot: int, seed: int, proto: dict, p
         if not classes:
             raise FdsError(f"fold {fold} of dataset '{ds.name}' has no defect classes under {ds.root}")
         if name == "per_support" and proto.get("scope") == "object":
-            classes = []  # NBR+CaP per category (nbr-cap.md §5.1)
+            classes = []  # NBR+CaP per category (paper Table I)
             for obj in test_objects:
                 recs = [r for r in ds.index.records.values() if r.object == obj]
                 has_split = any(r.split == "train" for r in recs)

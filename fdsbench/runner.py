@@ -617,8 +617,8 @@ def _read_record(path: Path, rid: str, log: Callable[[str], None]) -> dict | Non
 
 
 def replacement_warnings(manifest: Manifest) -> list[str]:
-    """Classes whose supports are drawn with replacement (fewer images than the shot: SOFS protocol
-    §3.2), so one image appears several times in a support set."""
+    """Classes whose supports are drawn with replacement (fewer images than the shot, as in the
+    official SOFS loader), so one image appears several times in a support set."""
     short: dict[str, int] = {}
     for ep in manifest.episodes:
         ids = [s.id for s in ep.supports]

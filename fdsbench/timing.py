@@ -3,7 +3,7 @@
 * batch size 1 (the runner calls ``predict`` once per query);
 * ``prepare`` (support processing) and ``predict`` (one query) are timed separately;
   **FPS = queries per second of predict** = n_predict / (sum of predict latencies) — support
-  processing is excluded from FPS, as in FM-FastSAM §6.3, but reported;
+  processing is excluded from FPS, as in GFDS paper §6.3, but reported;
 * the first ``warmup`` calls of each kind are timed apart, not in the statistics (CUDA context,
   cuDNN autotune, allocator growth, lazy initialisation); a kind that never gets past its warm-up
   (per-support fitting: one ``prepare`` per object) reports its warm-up calls instead, flagged

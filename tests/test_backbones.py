@@ -1,5 +1,5 @@
-"""Shared encoders: offline random-init builds, feature shapes/strides at the specs' resolutions,
-official key names, strict state-dict round trips, the PatchCore layer2+3 merge (sofs.md §2.2)."""
+"""Shared encoders: offline random-init builds, feature shapes/strides at the papers' resolutions,
+official key names, strict state-dict round trips, the PatchCore layer2+3 merge (SOFS appendix A.2)."""
 import math
 
 import pytest
@@ -66,7 +66,7 @@ def test_frozen_stays_eval_under_parent_train(vitb14):
     parent.train()
     assert parent.training and not vitb14.training
     assert all(not p.requires_grad for p in vitb14.parameters())
-    # a SOFS-like parent sees the official names under 'backbone.' (sofs.md §7)
+    # a SOFS-like parent sees the official names under 'backbone.'
     keys = set(parent.state_dict())
     assert {"backbone.cls_token", "backbone.blocks.11.ls2.gamma", "backbone.norm.bias"} <= keys
 
@@ -105,7 +105,7 @@ def test_vit_input_must_be_patch_multiple(vitb14):
 
 
 def test_dino_vits8_teacher():
-    """FM teacher (fm-fastsam.md §3): 64x64 tokens at 512; the forward here runs at 256 to stay cheap."""
+    """FM teacher (GFDS paper §6.1.2): 64x64 tokens at 512; the forward here runs at 256 to stay cheap."""
     bb = build_backbone("dino_vits8", weights="random", seed=0)
     sd = bb.state_dict()
     assert sd["pos_embed"].shape == (1, 785, 384)  # official DINO: built at 224, resized at run time

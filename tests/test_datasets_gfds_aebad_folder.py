@@ -35,7 +35,7 @@ def test_gfds_products_loader_keys_threshold_and_folds(tmp_path):
 
 
 def _official_pairing(root, products, shot, seed=2):
-    """Independent replay of the GFDS evaluation loop (fm-fastsam.md 1.3) on full paths: per product the
+    """Independent replay of the GFDS evaluation loop (official main.py) on full paths: per product the
     ``random`` stream is seeded, classes follow main.py's list, (image, mask) path pairs are sorted and
     the supports drawn from the sorted pairs minus the query."""
     import glob

@@ -119,7 +119,7 @@ def _noise(seed, size=64):
 
 @pytest.mark.parametrize("distance", ["cosine", "l2"])
 def test_query_equal_to_support_matches_its_defect(distance):
-    """Query = support (noise image), n_f <= 10: every support-fg cell has s_f = 1 >= s_b (§8.4)."""
+    """Query = support (noise image), n_f <= 10: every support-fg cell has s_f = 1 >= s_b."""
     m = _method(distance=distance)
     img = _noise(0)
     mask = np.zeros((64, 64), bool)

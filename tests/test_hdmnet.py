@@ -152,7 +152,7 @@ def test_distillation_goes_from_ground_truth_to_coarse_to_fine():
 
 
 def official_keys(base_classes=15, shot=1, dim=64, reduce=256):
-    """The official head layout (hdmnet.md A8) as a {name: shape} dict (backbone stages excluded)."""
+    """The official head layout as a {name: shape} dict (backbone stages excluded)."""
     k = {"down_query.0.weight": (reduce, 1536, 1, 1), "down_supp.0.weight": (reduce, 1536, 1, 1),
          "query_merge.0.weight": (dim, 2 * reduce + 2, 1, 1), "supp_merge.0.weight": (dim, 2 * reduce, 1, 1),
          "gram_merge.weight": (1, 2, 1, 1), "cls_merge.weight": (1, 2, 1, 1), "cls.0.weight": (512, 4096, 3, 3),

@@ -1,4 +1,4 @@
-"""NBR+CaP U-Net (methods/nbr_cap): the unit tests of nbr-cap.md §7 (CPU, random init, no files)."""
+"""NBR+CaP U-Net (methods/nbr_cap): unit tests (CPU, random init, no files)."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +37,7 @@ def test_shapes_at_64_and_512_and_output_range():
     assert out.shape == (2, 1, 64, 64) and torch.isfinite(out).all()
     p = torch.sigmoid(out)
     assert p.min() >= 0 and p.max() <= 1
-    # the spec §2 table at 512 x 512 (shape inference on the meta device: no compute)
+    # the layer table of methods/nbr_cap/model.py at 512 x 512 (shape inference on the meta device: no compute)
     meta = albunet().to("meta").eval()
     f = meta.encode(torch.empty(1, 3, 512, 512, device="meta"))
     assert f.conv2.shape == (1, 64, 128, 128) and f.conv3.shape == (1, 128, 64, 64)

@@ -1,4 +1,4 @@
-"""NBR+CaP overfitting check (nbr-cap.md §7.5, issue 8): fitted on ONE support image of 128 px
+"""NBR+CaP overfitting check: fitted on ONE support image of 128 px
 (random-init AlbuNet-34, the full method: NBR + weighted CaP), the support itself is segmented with
 IoU > 0.8. About 30 s on 2 idle cores (30 steps, m = 1, lr 1e-3; at the paper's lr 1e-4 it needs
 ~10x more steps)."""

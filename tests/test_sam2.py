@@ -1,4 +1,4 @@
-"""SAM2 video-track (spec sam2-videotrack.md §12): builds, exactness against the official
+"""SAM2 video-track: builds, exactness against the official
 SAM2VideoPredictor, cached memory for many queries, stale-cache regression, sizes, checkpoints.
 
 CPU, random weights, network blocked (conftest guard + fdsbench.netguard around the episodes)."""
@@ -37,7 +37,7 @@ class _MetaBuild(TorchFunctionMode):
 
 @pytest.mark.parametrize("model", ["t", "s", "b+", "l"])
 def test_every_size_builds_at_every_resolution(model):
-    """Spec test 1 + §3 shapes: image_size, S/16 embedding, S/4 mask input, FPN levels S/4, S/8,
+    """Shapes: image_size, S/16 embedding, S/4 mask input, FPN levels S/4, S/8,
     S/16 and memory 64×(S/16)² — the official build with the S override (meta tensors: shapes only)."""
     for s in O.RESOLUTIONS:
         with _MetaBuild():
@@ -62,7 +62,7 @@ def test_every_size_builds_at_every_resolution(model):
 @pytest.fixture(scope="module")
 def pair():
     """(our method, official SAM2VideoPredictor) with identical random weights; object scores
-    forced positive (spec test 2) so outputs are not all −1024."""
+    forced positive so outputs are not all −1024."""
     torch.manual_seed(0)
     ours = Sam2VideoTrack.from_preset("test", {"image_size": S})
     ours.model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.data.fill_(10.0)
@@ -128,7 +128,7 @@ def _ours(method, state, img):
 
 
 def test_cached_path_equals_official_predictor(runs):
-    """Spec test 3 + the done-when: cached memory path == SAM2VideoPredictor on the same two frames
+    """Cached memory path == SAM2VideoPredictor on the same two frames
     from disk (fp32, max abs diff ≤ 1e-5); many queries against one memory == fresh 2-frame runs;
     the memory is not mutated by queries."""
     ref_a, ref_b = runs["A"][0], runs["B"][0]
@@ -151,8 +151,8 @@ def test_cached_path_equals_official_predictor(runs):
 
 
 def test_stale_cache_regression_cannot_happen(pair, runs):
-    """Spec test 4: in the official state, swapping the query without clearing cached_features
-    returns the OLD query's result; recipe A with the clear gives the new one. Our path keeps no
+    """In the official state, swapping the query without clearing cached_features
+    returns the OLD query's result; the frame-swap recipe with the clear gives the new one. Our path keeps no
     frame cache (a fresh encoding per predict): after query A, query B gives B's fresh result."""
     _, off = pair
     ref_a, _, st = runs["A"]
@@ -168,7 +168,7 @@ def test_stale_cache_regression_cannot_happen(pair, runs):
 
 
 def test_k_shot_equals_official_multi_frame_video(pair, frames):
-    """Spec §9: K supports = conditioning frames 0…K−1, query = frame K, num_frames = K+1."""
+    """K supports = conditioning frames 0…K−1, query = frame K, num_frames = K+1."""
     ours, off = pair
     folder, px = _video(frames, [0, 3, 1], "vK2")
     ref = R.official_video_logits(off, folder, [frames["mask"], frames["mask2"]])
@@ -179,7 +179,7 @@ def test_k_shot_equals_official_multi_frame_video(pair, frames):
 
 
 def test_small_defect_memory_and_deviation_option(pair):
-    """Spec §7 / test 6 at S=256: a 4×4 support defect leaves an EMPTY memory mask by default (the
+    """At S=256 a 4×4 support defect leaves an EMPTY memory mask by default (the
     official behaviour, kept); mem_mask_from_input=True (recorded deviation) keeps its 16 px."""
     ours, _ = pair
     img = np.full((S, S, 3), 128, np.uint8)
@@ -222,7 +222,7 @@ def test_wrong_size_frame_and_bad_inputs_are_clear_errors(pair):
 
 
 def test_checkpoint_round_trip_is_strict(tmp_path):
-    """Spec test 8: a 1024 model's state saved as {"model": sd} loads strictly into S=512 (and into
+    """A 1024 model's state saved as {"model": sd} loads strictly into S=512 (and into
     the official builder); missing / unexpected keys are WeightsErrors; provenance = file sha256."""
     torch.manual_seed(1)
     src = O.build_predictor("t", 1024)

@@ -1,4 +1,4 @@
-"""SOFS: official state_dict names/shapes (sofs.md §7), fusion, priors, FAD switch, K-shot views,
+"""SOFS: official state_dict names/shapes, fusion, priors, FAD switch, K-shot views,
 ablation switches, and an overfitting check on one episode."""
 import re
 

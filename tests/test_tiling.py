@@ -1,4 +1,4 @@
-"""Sliding-window tiler, stitching and the whole-image path (fdsbench.blocks.tiling, protocol-sofs §5)."""
+"""Sliding-window tiler, stitching and the whole-image path (fdsbench.blocks.tiling)."""
 import math
 
 import numpy as np

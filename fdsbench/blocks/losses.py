@@ -1,5 +1,5 @@
 """Segmentation losses for probability maps, shared by SOFS and the NR+MNDL variants of
-PFENet/HDMNet (sofs.md §4; SOFS paper Eq. 6).
+PFENet/HDMNet (SOFS paper §3.2.5, Eq. 6).
 
 All functions take probabilities ``X`` in [0, 1] and binary targets ``Y`` of the same shape
 [B, ...]; sums run over every non-batch axis, so each sample gets its own term.
@@ -53,7 +53,7 @@ def binary_cross_entropy(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-6) ->
 
 def dice_ce_loss(x: torch.Tensor, y: torch.Tensor, *, eta: float = 1e5, beta: float = 1.0,
                  dice_weight: float = 1.0, ce_weight: float = 0.01, mixed: bool = True) -> torch.Tensor:
-    """The SOFS training loss: dice_weight * (MNDL or plain Dice) + ce_weight * CE (sofs.md §4)."""
+    """The SOFS training loss: dice_weight * (MNDL or plain Dice) + ce_weight * CE (SOFS paper §3.2.5)."""
     dice = mixed_normal_dice_loss(x, y, eta=eta, beta=beta) if mixed else dice_loss(x, y)
     return dice_weight * dice + ce_weight * binary_cross_entropy(x, y)
 

@@ -1,13 +1,13 @@
 """Mask downsampling to feature resolution and masked average pooling, shared by the
 prototype-based FSS methods (SOFS, PFENet, HDMNet variants).
 
-* Prototype intensity downsampling (PFIM, SOFS paper Eq. 1, sofs.md §2.3): an all-ones l x l
+* Prototype intensity downsampling (PFIM, SOFS paper §3.2.2, Eq. 1): an all-ones l x l
   convolution with stride l divided by l^2 -- i.e. l x l average pooling, no padding. Every
   feature cell gets the FRACTION of its l x l input patch covered by the mask, so a 3-pixel defect
   keeps a small non-zero weight instead of vanishing or being inflated.
 * ``nearest`` and ``bilinear`` (align_corners=False, as the official code's ``F.interpolate``)
   are the common alternatives (Table 5 "without PFIM" uses bilinear).
-* ``weighted_gap`` = Weighted_GAP / MaskAvgPool: sum(F * M) / (sum(M) + 5e-4) (sofs.md §2.4).
+* ``weighted_gap`` = Weighted_GAP / MaskAvgPool: sum(F * M) / (sum(M) + 5e-4) (SOFS paper Eq. 7).
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ SMALL_DEFECT_BRANCHES = ("bilinear", "nearest", "any_pixel")
 def downsample_keep_small(mask: torch.Tensor, size: tuple[int, int], *, threshold: float = 0.5,
                           align_corners: bool = True) -> tuple[torch.Tensor, list[str]]:
     """Support-mask downsampling of the meta-learning baselines with the small-defect fallback of
-    GFDS (fm-fastsam.md §1.6): per sample, bilinear as the baseline (``align_corners`` as its
+    GFDS (paper §6.1): per sample, bilinear as the baseline (``align_corners`` as its
     code); if no cell reaches ``threshold`` the defect vanished, so nearest; if that is empty too,
     the "any pixel" rule (adaptive max-pool: a cell is 1 if any mask pixel in it is).
     Input [B,1,H,W] (0/1), output [B,1,h,w] and the branch that fired for each sample."""

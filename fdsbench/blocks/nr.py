@@ -1,19 +1,19 @@
 """Episodic training data for meta-trained FSS methods: the SOFS non-resizing (NR) sampler and the
-plain-resizing alternative (protocol-sofs.md §3-4), usable by SOFS and the PFENet/HDMNet + NR
+plain-resizing alternative (SOFS paper §3.2.2, Table 1), usable by SOFS and the PFENet/HDMNet + NR
 variants.
 
 One item per (image, class) pair of the base folds (``TrainSource.samples``; each pair is a query
 once per epoch). For an item:
 
-* supports: ``shot`` other images of the same class (without replacement when enough exist, §3.2);
-* NR on (§3.4-3.5): a query whose own defect area ratio exceeds ``area_resize_ratio`` is used
-  whole; otherwise ONE crop of ``crop_size`` (§3.6, :func:`fdsbench.crops.sample_crop`) centred on
+* supports: ``shot`` other images of the same class (without replacement when enough exist);
+* NR on: a query whose own defect area ratio exceeds ``area_resize_ratio`` is used
+  whole; otherwise ONE crop of ``crop_size`` (:func:`fdsbench.crops.sample_crop`) centred on
   a NON-defect pixel with probability ``alpha`` (a "normal" query; its target may still contain
   defect pixels) or on a defect pixel otherwise. A large support is used whole and repeated
   ``s_in_shot`` times; a small one gives ``s_in_shot`` independent defect-centred crops;
-* NR off (§4): every support and the query are whole images, one view per support image;
-* then, independently per view, the training augmentations of §3.7 and the tensor preparation of
-  §3.8 (ResizeLongestSide + normalise + pad; masks resized, /max, > 0.1).
+* NR off: every support and the query are whole images, one view per support image;
+* then, independently per view, the official training augmentations and tensor preparation
+  (ResizeLongestSide + normalise + pad; masks resized, /max, > 0.1).
 
 Randomness comes from a generator seeded by (seed, epoch, position) only, so items are the same
 whatever the worker count or batch size (``Dataset``-style ``__getitem__``).
@@ -35,7 +35,7 @@ from .tiling import IMAGENET_MEAN, image_to_tensor, mask_to_tensor
 from ..types import TrainSource, crop
 
 
-# ---- augmentations (§3.7) ----------------------------------------------------------------------
+# ---- augmentations (official SOFS ``datasets/transform_tri.py``) -------------------------------
 def color_jitter(image: np.ndarray, rng: np.random.Generator, brightness=0.4, contrast=0.4, saturation=0.4,
                  hue=0.1) -> np.ndarray:
     """ColorJitter(b, c, s, h): factors U[1-x, 1+x] (hue U[-h, h]) applied in a random order."""
@@ -75,7 +75,7 @@ def gaussian_blur(image: np.ndarray, kernel: int = 5) -> np.ndarray:
 
 
 def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """§3.7 in order: ColorJitter p=.3, rotation U(-10,10) p=.5, blur 5x5 p=.3, h-flip p=.5."""
+    """The official order: ColorJitter p=.3, rotation U(-10,10) p=.5, blur 5x5 p=.3, h-flip p=.5."""
     if rng.random() < 0.3:
         image = color_jitter(image, rng)
     if rng.random() < 0.5:
@@ -95,10 +95,10 @@ class NRSettings:
     crop_ratio: tuple[float, float] = (1.0, 1.0)  # training crop-scale jitter U(a, b) (yaml: [1, 1])
     shot: int = 1
     s_in_shot: int = 4  # crops per support image (1-shot: 4; 5-shot: 1)
-    area_resize_ratio: float = 0.01  # "large" defect threshold (§3.3)
+    area_resize_ratio: float = 0.01  # "large" defect threshold (SOFS paper appendix A.2)
     alpha: float = 0.3  # probability of a normal query crop
     augment: bool = True
-    nr: bool = True  # False: plain-resizing protocol (§4)
+    nr: bool = True  # False: plain-resizing protocol
 
 
 class EpisodeSampler:

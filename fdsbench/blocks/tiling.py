@@ -1,11 +1,11 @@
 """Non-resizing test procedure: sliding windows at native resolution, window batching and
-stitching (protocol-sofs.md §5.1), the whole-image resize path (§5.2), and the model-input
-preparation both use (ResizeLongestSide + ImageNet normalisation + bottom/right zero padding, §3.8).
+stitching (SOFS paper §3.2.2), the whole-image resize path (appendix A.2), and the model-input
+preparation both use (ResizeLongestSide + ImageNet normalisation + bottom/right zero padding).
 
 Shared by every method that runs the NR protocol (SOFS, PFENet/HDMNet + NR). Predictions always
 come back at the ORIGINAL image size; ground truth is never resized.
 
-Window rule (§5.1): c = window size, th = min(c, H), tw = min(c, W), nh = ceil(H/th),
+Window rule (the official SOFS evaluator): c = window size, th = min(c, H), tw = min(c, W), nh = ceil(H/th),
 nw = ceil(W/tw); window row a covers [a*th, (a+1)*th) except the last row, which covers
 [H - th, H) (shifted to end at the border, overlapping its neighbour); columns likewise. Stride =
 window size, so only the last row/column overlap.
@@ -15,7 +15,7 @@ Stitching: every window yields a heat map (the model probability) and a binary m
 valid region and bilinearly resized (align_corners=True) to the window size and the binary map is
 re-thresholded at > 0.9 (official rule). Canvases sum both maps and a coverage count; the result is
 sum / coverage. ``heat`` is what a plugin returns to the harness (which binarises at 0.5);
-``binary`` is the official averaged binary map (fractional in overlaps, protocol-sofs.md §6).
+``binary`` is the official averaged binary map (fractional in overlaps).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
-# ---- model-input preparation (§3.8) -------------------------------------------------------------
+# ---- model-input preparation --------------------------------------------------------------------
 def longest_side_size(h: int, w: int, size: int) -> tuple[int, int]:
     """ResizeLongestSide target: s = size / max(h, w), (int(h*s + 0.5), int(w*s + 0.5))."""
     s = size / max(h, w)
@@ -68,7 +68,7 @@ def image_to_tensor(image: np.ndarray, size: int) -> tuple[torch.Tensor, tuple[i
 
 def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
     """Binary mask [H,W] -> float 0/1 tensor [1, size, size]: PIL bilinear resize of the 0/255
-    mask, divided by its max, zero-padded, kept where > 0.1 (§3.8). An empty mask stays empty."""
+    mask, divided by its max, zero-padded, kept where > 0.1. An empty mask stays empty."""
     m = (np.asarray(mask) > 0).astype(np.uint8) * 255
     r = resize_longest_side(m, size).astype(np.float32)
     peak = r.max()
@@ -79,7 +79,7 @@ def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
     return out
 
 
-# ---- windows (§5.1) ----------------------------------------------------------------------------
+# ---- windows -----------------------------------------------------------------------------------
 def window_boxes(height: int, width: int, size: int) -> list[Box]:
     """Sliding-window boxes (top, left, bottom, right) covering an H x W image (module docstring)."""
     if size < 1 or height < 1 or width < 1:
@@ -140,7 +140,7 @@ ModelFn = Callable[[torch.Tensor], torch.Tensor]
 def predict_sliding(image: np.ndarray, model_fn: ModelFn, input_size: int, window: int | None = None,
                     batch: int = 4) -> Stitched:
     """Run ``model_fn`` on sliding windows of side ``window`` (default ``input_size``) at native
-    resolution, ``batch`` windows per call, and stitch the maps back to the image size (§5.1)."""
+    resolution, ``batch`` windows per call, and stitch the maps back to the image size."""
     H, W = image.shape[:2]
     window = int(window or input_size)
     boxes = window_boxes(H, W, window)
@@ -162,7 +162,7 @@ def predict_sliding(image: np.ndarray, model_fn: ModelFn, input_size: int, windo
 
 
 def predict_whole(image: np.ndarray, model_fn: ModelFn, input_size: int) -> Stitched:
-    """Whole-image path (§5.2): one forward at longest side ``input_size`` + padding, output cropped
+    """Whole-image path: one forward at longest side ``input_size`` + padding, output cropped
     to the valid region and resized to H x W (align_corners=True); binary = resized 0/1 map > 0.9."""
     H, W = image.shape[:2]
     x, valid = image_to_tensor(image, input_size)

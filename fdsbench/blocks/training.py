@@ -1,6 +1,6 @@
 """A small episodic training loop shared by meta-trained methods: AdamW (or SGD) with named learning-rate
 groups, the per-iteration poly schedule, frozen-BatchNorm training mode, per-epoch checkpoints in
-the method's workdir and resume from the latest one (sofs.md §5).
+the method's workdir and resume from the latest one (the SOFS recipe, paper appendix A.2).
 
     groups = param_groups(model, base_lr, [("query_semantic_transformer", 1.0)], default_mult=2.0)
     loop = TrainLoop(model, groups, workdir, epochs=50, iters_per_epoch=n, base_lr=1e-5)

@@ -1,4 +1,4 @@
-"""Support views of the SOFS test protocol (protocol-sofs.md §5), shared by SOFS and the NR variants
+"""Support views of the SOFS test protocol (SOFS appendix A.1), shared by SOFS and the NR variants
 of the FSS baselines: with NR every shot gives its manifest crops at native resolution (1-shot = 4
 crops of one image, 5-shot = 1 crop per image); a large-defect shot without crops is used whole and
 repeated as often as the other shots' crops (``s_in_shot`` when set, else 4 for 1-shot and 1

@@ -4,21 +4,21 @@ Every query contributes one row: tp, fp, fn, tn of its binarised prediction (``p
 ties go to background, as the argmax of [1-p, p] in the papers' code) against its ground truth.
 Everything below is a pure function of the rows, so merged or resumed runs give the same numbers.
 
-* **mIoU** (spec protocol-sofs §6, fm-fastsam §1.4): per class c, IoU_c = sum TP / sum (TP+FP+FN)
+* **mIoU** (SOFS paper §4.1, GFDS paper §6.2): per class c, IoU_c = sum TP / sum (TP+FP+FN)
   over ALL queries of all episodes of c; mIoU = mean of IoU_c over the classes whose summed union
   is > 0 (a class with an empty union everywhere has no defined IoU and is left out; it still
   appears in ``per_class`` with ``iou: None``). Class-level pooling, NOT a mean of episode IoUs.
-* **FB-IoU** (protocol-sofs §6): 1/2 (sum I_bg / sum U_bg + sum I_fg / sum U_fg) pooled over every
+* **FB-IoU** (GFDS paper §6.2): 1/2 (sum I_bg / sum U_bg + sum I_fg / sum U_fg) pooled over every
   query of the run. ``fbiou_classmean`` is FM-FastSAM's code variant 1/2 (mIoU + IoU_bg).
 * **episode_miou**: mean over episodes of the episode's pooled IoU (sum over its queries);
   episodes with an empty union are skipped. Reported under its own name, never as "mIoU".
-* **per_image_iou / per_image_dice** (spec nbr-cap §5.2): IoU = TP/(TP+FP+FN), Dice =
+* **per_image_iou / per_image_dice** (NBR+CaP paper §IV-D): IoU = TP/(TP+FP+FN), Dice =
   2TP/(2TP+FP+FN) per query, averaged over the queries whose ground truth is NOT empty (the
   NBR+CaP protocol scores defective images only). Queries with an empty ground truth (normal
   images) are excluded there; ``per_image_iou_all`` / ``per_image_dice_all`` average over all
   queries with the convention that an empty union (empty GT and empty prediction) scores 1 and an
   empty GT with any false positive scores 0.
-* **image_acc_area / image_auroc_area** (spec nbr-cap §5.3): image score = predicted defect area
+* **image_acc_area / image_auroc_area** (NBR+CaP paper §IV-G): image score = predicted defect area
   (pixels with p > threshold); predicted anomalous iff area >= 1; accuracy and ROC AUC against
   "GT not empty".
 * **by_size**: defective queries bucketed by GT area proportion (< 0.3 %, 0.3-2 %, >= 2 %) and

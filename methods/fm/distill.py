@@ -1,4 +1,4 @@
-"""Distil an FM student (FM-s / FM-l) from DINO ViT-S/8 (GFDS paper §4.1; EfficientAD-style recipe).
+"""Distil an FM student (FM-s / FM-l) from DINO ViT-S/8 (GFDS paper §5.1.1; EfficientAD-style recipe).
 
 Paper facts: teacher DINO ViT-S/8, patch tokens of the LAST block at 512×512 input (64×64 tokens)
 aligned with the student's 64×64 output at 256×256; L2 loss; Adam lr 1e-4, weight decay 1e-5;

@@ -1,4 +1,4 @@
-"""Patch-based feature matching of GFDS (paper §4.1, eqs. 2–6), with the released code's semantics.
+"""Patch-based feature matching of GFDS (paper §5.1.2, eqs. 2–6), with the released code's semantics.
 
 Per episode with K supports (I_s^k, M_s^k) and a query I_q (all S×S, S = 256):
 

@@ -1,6 +1,6 @@
 """``fm`` — GFDS distilled feature matching, FM-l / FM-s (Liu et al., "Exploring Few-Shot Defect
 Segmentation in General Industrial Scenarios with Metric Learning and Vision Foundation Models",
-§4.1, Table 3, Table 4).
+§5.1, Table 3, Table 4).
 
 ``prepare`` encodes the support views with the student E and builds the foreground (PatchAvg) and
 background (dense) prototypes once per episode; ``predict`` encodes the query, matches every query
@@ -147,7 +147,7 @@ class FeatureMatching(Method):
         self._student = None
         self._provenance = ""
         self._token = object()
-        #: support sets (class, support ids) where an edge case of §4 fired
+        #: support sets (class, support ids) where a matching edge case fired
         self.edge_cases: dict[str, set] = {"no_fg_cell": set(), "no_bg_cell": set()}
 
     # ---- model -------------------------------------------------------------------------------

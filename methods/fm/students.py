@@ -1,4 +1,4 @@
-"""The feature extractor E of GFDS feature matching (paper §4.1, Table 3): a patch description
+"""The feature extractor E of GFDS feature matching (paper §5.1.1, Table 3): a patch description
 network (PDN, EfficientAD) distilled from DINO ViT-S/8, mapping a 3×256×256 image to 384×64×64.
 
 Both students are plain ``nn.Sequential`` stacks in the official module order, so the published

@@ -1,14 +1,14 @@
-"""``hdmnet`` — Hierarchical Dense correlation distillation (Peng et al., CVPR 2023), hdmnet.md.
+"""``hdmnet`` — Hierarchical Dense correlation distillation (Peng et al., CVPR 2023).
 
 Two variants behind one registered method:
 
-* ``variant="official"`` (Part A): the frozen PSPNet base learner on a deep-base dilated ResNet-50,
+* ``variant="official"``: the frozen PSPNet base learner on a deep-base dilated ResNet-50,
   supports masked at the input, the meta learner, the Gram-difference / K-shot reweighting and the
   base-learner ensemble; images resized to S x S without keeping the aspect (473). ``fit`` runs the
   official two stages: the PSPNet on the fold's base classes (base_learner.py, cached and reused),
   then HDMNet on top (CE(final) + CE(meta) + distillation / 3, AdamW, lr x10 outside the transformer,
   kshot_rw never trained, BatchNorm statistics frozen). Official checkpoints load strictly.
-* ``variant="industrial"`` (Part B, SOFS Tables 1/2/4): frozen DINOv2-B/14 @ 518 or ResNet-50 @ 512
+* ``variant="industrial"`` (SOFS Tables 1/2/4): frozen DINOv2-B/14 @ 518 or ResNet-50 @ 512
   taps shared with SOFS, supports not masked at the input, no base learner, a transformer that does
   not downsample, CE + Dice (``hdmnet``) or + the non-resizing protocol and the mixed normal Dice
   loss (``hdmnet-nr-mndl``). Every reconstruction choice is a config key (marked ◊ in the README).
@@ -73,7 +73,7 @@ class HDMNetMethod(Method):
 
     @dataclass
     class Config:
-        variant: str = "industrial"  # official (Part A) | industrial (Part B, SOFS tables)
+        variant: str = "industrial"  # official | industrial (SOFS tables)
         # --- encoder ---
         backbone: str = "dinov2_vitb14"  # industrial: a tapped encoder; official: deep_resnet50
         weights: str = "default"  # encoder: "default" (weights table), "random", or a file path
@@ -112,14 +112,14 @@ class HDMNetMethod(Method):
         eta: float = 0.0  # MNDL eta; 0 = per fold from eta_per_fold on VISION V1 (as SOFS), else 1e5
         eta_per_fold: tuple = (1.0, 1.0, 1e5)
         beta: float = 1.0
-        # --- meta-training (A6; industrial ◊ with SOFS's 50 epochs) ---
+        # --- meta-training (official train.py; industrial ◊ with SOFS's 50 epochs) ---
         epochs: int = 50
         batch_size: int = 4
         lr: float = 1e-4
         lr_multiple: float = 10.0  # down_*/merges (official index_split 0)
         weight_decay: float = 0.01
         power: float = 0.9
-        fix_bn: bool = True  # every BatchNorm (the transformer's too) keeps its statistics (trap 5)
+        fix_bn: bool = True  # every BatchNorm (the transformer's too) keeps its statistics (official fix_bn)
         augment: bool = True  # official: RandScale/RandRotate/blur/flip; industrial: SOFS augmentations
         train_shot: int = 0  # 0 = the test shot (one model per shot, as the official recipes)
         train_s_in_shot: int = 0  # NR: crops per support image; 0 = 4 for 1-shot, 1 otherwise

@@ -196,7 +196,7 @@ def distillation_loss(corrs: Sequence[torch.Tensor], target: torch.Tensor) -> to
 
 
 class HDMNet(MetaLearner):
-    """The official model (Part A): frozen PSPNet features (supports masked at the input), meta
+    """The official model: frozen PSPNet features (supports masked at the input), meta
     learner, Gram-difference / K-shot reweighting and the base-learner ensemble."""
 
     def __init__(self, shot: int = 1, base_classes: int = 15, backbone: str = "deep_resnet50",

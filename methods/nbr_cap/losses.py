@@ -1,4 +1,4 @@
-"""The two regularisers of the paper (nbr-cap.md §3.4; paper §III-D/E, eqs. 1-7).
+"""The two regularisers of the paper (paper §III-D/E, eqs. 1-7).
 
 All functions work on a minibatch and return one value per pair i (the caller sums them, as
 Algorithm 1 does)."""

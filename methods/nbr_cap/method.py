@@ -1,5 +1,5 @@
 """NBR+CaP U-Net as an fdsbench method: ``prepare`` fits AlbuNet-34 on the episode's K support
-images plus the product's normal pool (nbr-cap.md §6), ``predict`` is one forward pass.
+images plus the product's normal pool, ``predict`` is one forward pass.
 
 Fitted weights are cached under ``self.workdir`` keyed by (class, support ids, seed, config hash,
 encoder weights, normal pool ids, CPU thread count), so an episode with the same supports does not refit."""
@@ -30,7 +30,7 @@ from fdsbench.seeding import cpu_threads
 from . import train as T
 from .model import AlbuNet34
 
-#: the paper's ablation models (Tables V-VII) as config overrides (spec §3.4 notes)
+#: the paper's ablation models (Tables V-VII) as config overrides
 ABLATIONS: dict[str, dict[str, str]] = {
     "B": {"nbr": "off", "cap": "unweighted"},  # AlbuNet + CaP at p 0.5, plain BCE
     "B+NBR": {"nbr": "cosine", "cap": "off"},  # NBR + plain BCE on I_d every step
@@ -45,7 +45,7 @@ _PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest":
 
 @dataclass
 class NBRCaPConfig:
-    """Paper defaults ([P]) and our assumptions (◊, nbr-cap.md) — all recorded in the run record."""
+    """Paper defaults ([P]) and our assumptions (◊) — all recorded in the run record."""
 
     weights: str = "default"  # ◊ ImageNet ResNet-34 from the weights table; "random"; or a file path
     input_size: int = 512  # [P] images and masks resized to 512 x 512 (multiple of 64)
@@ -76,7 +76,7 @@ class NBRCaPConfig:
 
 @register_method("nbr_cap")
 class NBRCaP(Method):
-    """Lin et al., few-shot defect segmentation with NBR and CaP (nbr-cap.md; paper Algorithm 1)."""
+    """Lin et al., few-shot defect segmentation with NBR and CaP (paper Algorithm 1)."""
 
     requires = Requirements(normal_pool=True, weights=("resnet34",), fad=False, gpu_recommended=True)
     Config = NBRCaPConfig
@@ -220,7 +220,7 @@ class NBRCaP(Method):
 
     @torch.no_grad()
     def predict(self, state: "Fitted", query: Query) -> np.ndarray:
-        """Sigmoid probability at the query's original size (bilinear on p, spec §4)."""
+        """Sigmoid probability at the query's original size (bilinear on p)."""
         h, w = query.size
         x = T.to_input(self._image(query.image)[None], self.config.input_norm).to(self.device)
         state.model.eval()

@@ -1,7 +1,7 @@
-"""AlbuNet-34: a U-Net whose encoder is torchvision's ResNet-34 (nbr-cap.md §2; paper §III-C,
+"""AlbuNet-34: a U-Net whose encoder is torchvision's ResNet-34 (paper §III-C,
 ref. [32], TernausNet family). The decoder is ours to this method (no BatchNorm).
 
-Layer list at 512x512 input (spec §2 table)::
+Layer list at 512x512 input::
 
     conv1  resnet34 conv1 7x7/2 + bn1 + ReLU + MaxPool k x k /2   64 x 128 x 128  (k = stem_pool, 2 default)
     conv2  layer1                                                 64 x 128 x 128

@@ -1,6 +1,6 @@
-"""Per-support fitting of AlbuNet-34 with NBR and CaP (paper Algorithm 1; nbr-cap.md §3).
+"""Per-support fitting of AlbuNet-34 with NBR and CaP (paper Algorithm 1).
 
-Images arrive already resized to S x S (uint8). One optimiser step (spec §3.4), for the m pairs
+Images arrive already resized to S x S (uint8). One optimiser step, for the m pairs
 (I_d,i, M_d,i, I_n,i) of the step:
 
 1. F_d = Enc(I_d), F_n = Enc(I_n) (encoder output conv5 by default);
@@ -10,7 +10,7 @@ Images arrive already resized to S x S (uint8). One optimiser step (spec §3.4),
    otherwise L_seg,i = BCE(Dec(F_d), M_d) (eq. 7);
 4. L = Σ L_NBR,i + Σ L_seg,i; Adam step.
 
-Sampling (§3.3): the outer loop draws a defect minibatch of m pairs (with replacement when
+Sampling (Algorithm 1): the outer loop draws a defect minibatch of m pairs (with replacement when
 m > K, ◊), the inner loop is one shuffled pass over the normal pool in chunks of m (◊), every inner
 iteration is one step, ``iterations`` steps in all.
 

@@ -52,7 +52,7 @@ HEAD_GROUPS = ("down_query", "down_supp", "init_merge", "alpha_conv", "beta_conv
 OFFICIAL_LAYERS = tuple(f"layer{i}." for i in range(5))
 
 
-# ---- official test-time canvas (pfenet.md A6, Part C trap 7) --------------------------------------
+# ---- official test-time canvas (test.py: zero padding before normalisation) -----------------------
 def canvas_size(h: int, w: int, size: int) -> tuple[int, int]:
     """Longer side -> ``size`` (aspect kept, int()), each side floored to a multiple of 8; images
     that already fit are kept as they are."""
@@ -255,7 +255,7 @@ class PFENetMethod(Method):
 
     # ---- training ------------------------------------------------------------------------------
     def optimizer_groups(self) -> list[dict]:
-        """The nine official head groups, each at lr_scale x the poly lr (Part C trap 1)."""
+        """The nine official head groups, each at lr_scale x the poly lr (official train.py)."""
         c = self.config
         return param_groups(self.model, [(g, c.lr_scale) for g in HEAD_GROUPS], default_mult=c.lr_scale,
                             exclude=OFFICIAL_LAYERS + ("backbone.",))

@@ -1,6 +1,6 @@
 """PFENet: Prior Guided Feature Enrichment Network (Tian et al., TPAMI 2020, arXiv 2008.01449).
 
-Two feature front-ends share one head (module names = the official state dict, pfenet.md A8):
+Two feature front-ends share one head (module names = the official state dict):
 
 * :class:`PFENet` — the official model: deep-base dilated ResNet-50/101 (or VGG-16) as the
   attributes ``layer0``..``layer4``; query/support "middle" features cat[layer3, layer2]; the
@@ -206,13 +206,14 @@ def vgg16_hed_layers() -> tuple[list[nn.Sequential], dict]:
 
 
 class PFENet(PFENetHead):
-    """The official PFENet (pfenet.md Part A): ``layer0``..``layer4`` + head, official key names.
+    """The official PFENet: ``layer0``..``layer4`` + head, official key names.
 
     ``backbone``: "deep_resnet50" | "deep_resnet101" | "vgg16_bn" | "vgg16_hed" (HED's VGG-16, the
     offline pretrained route); ``weights``: "random" or the ImageNet file (resnet50_v2.pth);
-    ``mask_layer4``: support layer4 on its masked layer3 (official; Part C trap 3); ``strict_size``: refuse inputs other than 8k+1 (official assert);
+    ``mask_layer4``: support layer4 on its masked layer3 (official); ``strict_size``: refuse inputs other
+    than 8k+1 (official assert);
     ``backbone_bn``: "train" keeps the frozen backbone's BatchNorm in train mode when the model is
-    (official; Part C trap 2) or "eval"."""
+    (official) or "eval"."""
 
     LAYERS = ("layer0", "layer1", "layer2", "layer3", "layer4")
 
@@ -289,7 +290,7 @@ class PFENet(PFENetHead):
 
 
 class TapPFENet(PFENetHead):
-    """Industrial PFENet (pfenet.md Part B): a frozen shared encoder registered as ``backbone``
+    """Industrial PFENet (SOFS appendix A.2): a frozen shared encoder registered as ``backbone``
     (excluded from the learned state), taps from ``taps(backbone, x)``, unmasked support features."""
 
     def __init__(self, backbone: nn.Module, taps, tap_dims: Sequence[int], **head):
@@ -309,7 +310,7 @@ class TapPFENet(PFENetHead):
 
 def pfenet_loss(logits: torch.Tensor, aux: list, y: torch.Tensor, *, aux_weight: float = 1.0,
                 dice: str = "none", dice_weight: float = 1.0, eta: float = 1e5, beta: float = 1.0) -> torch.Tensor:
-    """CE(main, ignore 255) + aux_weight * mean_i CE(aux_i upsampled) (pfenet.md A4), plus for the
+    """CE(main, ignore 255) + aux_weight * mean_i CE(aux_i upsampled) (the official loss), plus for the
     industrial rows dice_weight * Dice (``dice="dice"``) or mixed normal Dice (``"mndl"``) on the
     foreground probability over the non-ignored pixels. ``y`` [B,H,W] long."""
     size = logits.shape[-2:]

@@ -1,4 +1,4 @@
-"""SAM2 video-track few-shot defect segmentation (GFDS paper; spec sam2-videotrack.md).
+"""SAM2 video-track few-shot defect segmentation (GFDS paper §5.2, §6.1.2).
 
 Registers method ``sam2``. Needs the official package: ``SAM2_BUILD_CUDA=0 pip install
 --no-build-isolation sam2==1.1.0`` (imported absolutely as ``sam2``; this package is

@@ -1,10 +1,10 @@
-"""SAM2 video-track few-shot defect segmentation (GFDS paper §5.2, §6.1.2, Table 4; spec
-sam2-videotrack.md): the support image is frame 0 of a two-frame "video" with its defect mask as
+"""SAM2 video-track few-shot defect segmentation (GFDS paper §5.2, §6.1.2, Table 4):
+the support image is frame 0 of a two-frame "video" with its defect mask as
 the prompt, the query is frame 1, and the official SAM2.1 video model tracks the defect into it.
 
 f_s = E_img(I_s), f_q = E_img(I_q); f_mem = E_mem(f_s, M_s); R = D_mask(Atten(f_q, f_mem)).
 
-``prepare`` encodes the support frame(s) and their mask memory once (spec §6 recipe B);
+``prepare`` encodes the support frame(s) and their mask memory once (the low-level recipe);
 ``predict`` runs only the query path (image encoder, memory attention, decoder) against that cached
 memory, which gives the same logits as a fresh ``SAM2VideoPredictor`` run per query (tested).
 """
@@ -31,13 +31,13 @@ from . import official as O
 class Sam2Config:
     """Defaults = the paper's best row, SAM2-s at S=1024 (Table 4), official SAM2.1 weights."""
 
-    model: str = "s"  # t | s | b+ | l (SAM2.1 Hiera tiny / small / base+ / large), spec §2
-    image_size: int = 1024  # S: frames are resized to S×S (256, 512, 1024 in the paper), spec §3
+    model: str = "s"  # t | s | b+ | l (SAM2.1 Hiera tiny / small / base+ / large)
+    image_size: int = 1024  # S: frames are resized to S×S (256, 512, 1024 in the paper)
     weights: str = "default"  # "default": the SAM2.1 file from the weights table; "random"; or a path
     amp: str = "auto"  # auto: bf16 autocast + TF32 on CUDA (official usage), fp32 on CPU; "bf16" | "fp32"
     fill_holes: str = "auto"  # fill ≤ fill_hole_area px holes: auto = when sam2._C exists; "on" | "off"
     fill_hole_area: int = 8  # official build_sam2_video_predictor post-processing
-    mem_mask_from_input: bool = False  # deviation (spec §7): encode the S×S input mask, not the S/4 logits
+    mem_mask_from_input: bool = False  # deliberate deviation: encode the S×S input mask, not the S/4 logits
     time_query_memory: bool = False  # also run the query's memory-encoder pass (propagate semantics) for FPS
     compile: bool = False  # torch.compile the image encoder, memory attention and mask decoder
     vos_optimized: bool = False  # the official SAM2VideoPredictorVOS (compiles every part; slow first call)
@@ -160,7 +160,7 @@ class Sam2VideoTrack(Method):
 
     # ---- the contract ------------------------------------------------------------------------
     def prepare(self, support: SupportSet) -> O.SupportMemory:
-        """Encode the K support frames and their mask memory once (spec §6 recipe B, §9)."""
+        """Encode the K support frames and their mask memory once (the low-level recipe)."""
         if not support.shots:
             raise FdsError("sam2: the support set is empty; an episode needs at least one support image")
         pred = self.model
@@ -212,7 +212,7 @@ class Sam2VideoTrack(Method):
         return dict(self._provenance)
 
     def runtime_info(self) -> dict[str, Any]:
-        """What a run record needs beyond the config (spec §8, §10)."""
+        """What a run record needs beyond the config."""
         info = {"sam2_version": O.sam2_version(), "sam2_pinned": O.SAM2_VERSION_PINNED,
                 "sam2_C_available": self.sam2_C, "fill_holes_applied": self.fill_holes_used,
                 "precision": self.precision, "model_config": self.config_file, "weights_name": self.weights_name,
@@ -232,7 +232,7 @@ class Sam2VideoTrack(Method):
 
 def load_checkpoint(pred, path) -> None:
     """Load an official SAM2 checkpoint ({"model": state dict}, torch.load weights_only) STRICTLY
-    (spec §2); any missing/unexpected key or shape mismatch is a WeightsError naming the file."""
+    (as the official build does); any missing/unexpected key or shape mismatch is a WeightsError naming the file."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001

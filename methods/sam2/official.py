@@ -1,6 +1,6 @@
 """Thin layer over the official ``sam2`` package (pinned 1.1.0): model table, offline build, the
-official frame/mask preprocessing, and the low-level support-memory / query recipe (spec
-sam2-videotrack.md §2–§6, "recipe B").
+official frame/mask preprocessing, and the low-level support-memory / query recipe
+(built on the official ``sam2_video_predictor.py`` / ``modeling/sam2_base.py``).
 
 This module is ``fdsbench.methods.sam2.official``; ``import sam2`` below is the absolute import of
 the official package (never add ``methods/`` to ``sys.path``, or this package would shadow it).
@@ -26,7 +26,7 @@ from fdsbench.errors import DataError, FdsError
 
 SAM2_VERSION_PINNED = "1.1.0"
 
-#: paper name -> (hydra config inside the sam2 package, weights-table name) — spec §2
+#: paper name -> (hydra config inside the sam2 package, weights-table name)
 MODELS: dict[str, tuple[str, str]] = {
     "t": ("configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_hiera_tiny"),
     "s": ("configs/sam2.1/sam2.1_hiera_s.yaml", "sam2.1_hiera_small"),
@@ -85,7 +85,7 @@ def _sam2_hydra():
 def build_predictor(model: str, image_size: int, device: str = "cpu", vos_optimized: bool = False):
     """The official SAM2VideoPredictor with random init (no I/O, no network) at resolution S.
 
-    S is set only through ``++model.image_size=S`` (spec §3); the Hiera absolute position embedding,
+    S is set only through ``++model.image_size=S``; the Hiera absolute position embedding,
     sine encodings, prompt-encoder grid and RoPE tables follow from it. apply_postprocessing stays
     on (dynamic multimask, binarised mask for memory, fill_hole_area=8) as in the official usage."""
     cfg, _ = MODELS[canonical_model(model)]
@@ -98,7 +98,7 @@ def build_predictor(model: str, image_size: int, device: str = "cpu", vos_optimi
     return pred
 
 
-# ---- inputs exactly as the official loader (spec §4) -------------------------------------------
+# ---- inputs exactly as the official loader (``sam2/utils/misc.py``) ----------------------------
 def to_pil_rgb(image: np.ndarray, what: str = "image") -> Image.Image:
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
@@ -134,7 +134,7 @@ def resize_mask(mask: np.ndarray | torch.Tensor, image_size: int, device: Any = 
     return m
 
 
-# ---- the low-level recipe (spec §6 recipe B, §9 K shots) ----------------------------------------
+# ---- the low-level recipe (K shots = conditioning frames 0..K-1) --------------------------------
 @dataclass
 class FrameFeatures:
     feats: list
@@ -152,7 +152,7 @@ def encode_frame(pred, x: torch.Tensor) -> FrameFeatures:
     try:
         bo = pred.forward_image(x)
         _, feats, pos, sizes = pred._prepare_backbone_features(bo)
-    except AssertionError as e:  # the SAM heads assert the stride-16 map is S/16 wide (spec §3)
+    except AssertionError as e:  # the SAM heads assert the stride-16 map is S/16 wide
         raise FdsError(f"SAM2 rejected a {tuple(x.shape)} frame for S={S} ({e or 'size assertion'}); "
                        f"frames must be {S}x{S}") from None
     return FrameFeatures(feats, pos, sizes)
@@ -162,15 +162,15 @@ def encode_frame(pred, x: torch.Tensor) -> FrameFeatures:
 class SupportMemory:
     """The cached memory bank of one episode: one conditioning entry per support frame k = 0…K−1
     (maskmem_features stored bf16 as the predictor does, maskmem_pos_enc, obj_ptr, object score);
-    the query is frame K of a K+1-frame "video" (spec §9). Never mutated by queries."""
+    the query is frame K of a K+1-frame "video". Never mutated by queries."""
 
     bank: dict
     num_frames: int
     image_size: int
     owner: int  # id of the model token that built it (a bank from another model is refused)
     support_ids: tuple = ()
-    empty: tuple = ()  # per support: True when its mask (at S) is empty (spec §10: flagged)
-    mem_pixels: tuple = ()  # per support: foreground pixels of the binarised memory mask at S (§7)
+    empty: tuple = ()  # per support: True when its mask (at S) is empty (flagged)
+    mem_pixels: tuple = ()  # per support: foreground pixels of the binarised memory mask at S
     extra: dict = field(default_factory=dict)
 
     @property
@@ -202,7 +202,7 @@ def encode_support(pred, frames: list[torch.Tensor], masks: list[torch.Tensor], 
     conditioning frame with the mask prompt (mask used as output, pointer from the SAM decoder) →
     (fill holes on the S/4 logits, as the predictor stores them) → upsample to S → memory encoder
     with is_mask_from_pts=True (binarised). ``mem_mask_from_input`` encodes the S×S input mask
-    directly instead (a deliberate deviation, spec §7)."""
+    directly instead (a deliberate deviation)."""
     K = len(frames)
     num_frames = K + 1
     bank = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}

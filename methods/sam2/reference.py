@@ -1,6 +1,6 @@
 """The official path, for checking and timing our cached path against it: a fresh
 ``SAM2VideoPredictor`` state over a folder of ``<int>.jpg`` frames (supports 0…K−1, query K),
-``add_new_mask`` on each support, ``propagate_in_video``, read frame K (spec §5, §6 recipe A)."""
+``add_new_mask`` on each support, ``propagate_in_video``, read frame K."""
 from __future__ import annotations
 
 import warnings
@@ -49,8 +49,8 @@ def official_video_logits(pred, folder: str | Path, masks: list[np.ndarray], ret
 
 
 def official_swap_query(pred, state, image_tensor: torch.Tensor, clear_cache: bool = True) -> torch.Tensor:
-    """Recipe A (spec §6): put a new query into frame 1 of an existing 2-frame state and re-run
-    frame 1 only. ``clear_cache=False`` reproduces the stale-cache bug of spec test 4."""
+    """Frame-swap recipe: put a new query into frame 1 of an existing 2-frame state and re-run
+    frame 1 only. ``clear_cache=False`` reproduces the stale-cache bug."""
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         state["images"][1] = image_tensor.to(state["images"].device)

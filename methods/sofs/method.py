@@ -1,12 +1,12 @@
-"""``sofs`` — Small Object Few-shot Segmentation (Zhang et al., NeurIPS 2024), sofs.md + protocol-sofs.md.
+"""``sofs`` — Small Object Few-shot Segmentation (Zhang et al., NeurIPS 2024).
 
 prepare(): the support views of the protocol (manifest crops at native resolution: 1-shot = 4 crops
 of one image, 5-shot = 1 crop per image; a large-defect support without crops is resized whole and
 repeated s_in_shot times), encoded once (backbone features, prototypes, support self-attention).
-predict(): sliding windows at native resolution (fdsbench.blocks.tiling, §5.1), or the whole-image resize
-path when every support is large (§5.2) — also the FAD path (normal supports come without crops);
+predict(): sliding windows at native resolution (fdsbench.blocks.tiling), or the whole-image resize
+path when every support is large (paper appendix A.2) — also the FAD path (normal supports come without crops);
 returns the stitched probability map at the original size. With all support masks empty the output
-is the abnormal prior (FAD, §2.10). fit(): NR episodic training with MNDL + 0.01 CE (§4-5).
+is the abnormal prior (FAD, paper Eq. 5). fit(): NR episodic training with MNDL + 0.01 CE (paper §3.2.5, appendix A.2).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class SOFSMethod(Method):
 
     @dataclass
     class Config:
-        # --- model (sofs.md §1-2); defaults = the paper's DINOv2 ViT-B/14 @ 518 ---
+        # --- model (paper §3.2, appendix A.2); defaults = the paper's DINOv2 ViT-B/14 @ 518 ---
         backbone: str = "dinov2_vitb14"
         weights: str = "default"  # encoder: "default" (weights table), "random", or a file path
         checkpoint: str = ""  # released SOFS_model.pth ("default" = weights table): fit() loads it instead of training
@@ -59,7 +59,7 @@ class SOFSMethod(Method):
         num_stages: int = 2
         heads: int = 4
         tau: float = 0.1
-        # --- test procedure (protocol-sofs.md §5) ---
+        # --- test procedure (official tools/epoch_train_eval_ss.py) ---
         # the official code's one crop_size: support crops (the manifest's), test windows and
         # training crops; 0 = the protocol's crop_size (image_size where supports have no crops).
         # A value that disagrees with the manifest's support crops is refused.
@@ -74,7 +74,7 @@ class SOFSMethod(Method):
         fusion: str = "nonlearnable"  # nonlearnable | learnable (HDMNet-style cross-attention)
         abnormal_prior: bool = True  # abnormal prior as a head input (FAD output exists regardless)
         meta_cls: bool = True  # meta prediction; False = MLP classifier (cls_semantic)
-        # --- training (§4-5) ---
+        # --- training (paper §3.2.5, appendix A.2) ---
         epochs: int = 50
         batch_size: int = 4  # episodes per optimiser step (official: 7 GPUs x 4 = 28, see README)
         lr: float = 1e-5
@@ -90,7 +90,7 @@ class SOFSMethod(Method):
         area_resize_ratio: float = 0.0  # 0 = per fold from area_resize_ratio_per_fold (train.sh)
         area_resize_ratio_per_fold: tuple = (0.01, 0.005, 0.01)
         train_shot: int = 0  # 0 = the test shot (train.sh trains one model per shot)
-        train_s_in_shot: int = 0  # 0 = 4 crops for 1-shot, 1 per image otherwise (sofs.md §3)
+        train_s_in_shot: int = 0  # 0 = 4 crops for 1-shot, 1 per image otherwise (paper appendix A.1)
         crop_ratio: tuple = (1.0, 1.0)
         augment: bool = True
         max_iters_per_epoch: int = 0  # 0 = the whole epoch

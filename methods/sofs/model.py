@@ -1,13 +1,13 @@
-"""The SOFS network (sofs.md §2-3), module for module, with the official parameter names (§7).
+"""The SOFS network (paper §3.2, appendix A.1), module for module, with the official parameter names.
 
 Module tree (state_dict prefixes)::
 
     SOFS
     ├── backbone                                  frozen encoder (DINOv2 ViT-B/14 or ResNet-50)
-    └── feature_recorrect                         FeatureRecorrect (§2.7)
+    └── feature_recorrect                         FeatureRecorrect (paper §3.2.3)
         ├── down_query / down_supp / down_supp_semantic   Conv1x1(no bias) -> ReLU -> Dropout2d(0.5)
         ├── supp_merge_semantic / query_merge_semantic    Conv1x1(no bias) -> ReLU
-        ├── query_semantic_transformer.mix_transformer    MixVisionTransformer (§2.8-2.9)
+        ├── query_semantic_transformer.mix_transformer    MixVisionTransformer (paper §3.2.3-3.2.4)
         │   ├── sa_layers.{i}.{norm1, attn.attn.linear_{q,k,v,o}, norm2, ffn.layers.{0,1,4}}
         │   ├── support_prototype                         Conv1x1 with bias (meta prediction only)
         │   └── cross_layers.0 ...                        only for the learnable-fusion ablation
@@ -15,7 +15,7 @@ Module tree (state_dict prefixes)::
 
 The network works on backbone feature lists, so the head is independent of the encoder: for a
 ViT the maps are the tapped block outputs, for ResNet-50 the merged layer2+3 map used twice
-(§2.2). Support-only work (support features, prototypes, support self-attention) is split out in
+(appendix A.2). Support-only work (support features, prototypes, support self-attention) is split out in
 :meth:`SOFS.encode_support` so the test procedure computes it once per episode and re-uses it for
 every query window; :meth:`SOFS.forward` composes the same pieces for training. The semantic prior,
 the transformer layers and the reduce/merge blocks are HDMNet's (:mod:`fdsbench.blocks.matching`).
@@ -37,7 +37,7 @@ PRIOR_SCALE = 10.0  # both prior stacks are multiplied by 10 before the merge co
 COS_EPS = 1e-7
 
 
-# ---- priors (§2.5, §2.6) -----------------------------------------------------------------------
+# ---- priors (paper Eqs. 2-3) -------------------------------------------------------------------
 def abnormal_prior(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Abnormal prior of one layer (Eq. 3): 1 - max over ALL support positions of all crops of
     cos(F_q(i), F_s(t)) * (1 - M(t)). q [B,D,h,w]; s [Bs,K',D,h,w], m [Bs,K',1,h,w], Bs = B or 1
@@ -51,7 +51,7 @@ def abnormal_prior(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.T
     return (1.0 - sim.amax(dim=2)).view(B, 1, h, w)
 
 
-# ---- fusion (§2.8-2.9) -----------------------------------------------------------------------
+# ---- fusion (paper §3.2.4) -------------------------------------------------------------------
 def fusion_attention(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor, tau: float) -> torch.Tensor:
     """Reverse softmax of Eq. 4: Sim = norm(Q) norm(S)^T [B,N,K'N]; Attn = softmax over the QUERY
     axis (dim 1, size N) of (Sim * m) / tau -- masked columns get logit 0, not -inf."""
@@ -65,7 +65,7 @@ def nonlearnable_fusion(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor, tau: 
 
 
 class MixVisionTransformer(nn.Module):
-    """Shared self-attention layers, fusion and prototype (``mix_transformer``, §2.8-2.9)."""
+    """Shared self-attention layers, fusion and prototype (``mix_transformer``, paper §3.2.3-3.2.4)."""
 
     def __init__(self, dim: int, heads: int, num_stages: int = 2, tau: float = 0.1, mlp_ratio: int = 4,
                  drop: float = 0.1, meta_cls: bool = True, fusion: str = "nonlearnable"):
@@ -129,7 +129,7 @@ class TransformerNonlearnableFusion(nn.Module):
 
 
 class FeatureRecorrect(nn.Module):
-    """Front end + transformer + prediction (Feature_Recorrect_Module, §2.7-2.9)."""
+    """Front end + transformer + prediction (Feature_Recorrect_Module, paper §3.2.3-3.2.4)."""
 
     def __init__(self, fea_dim: int, n_layers: int, reduce_dim: int = 256, embed_dim: int = 256,
                  num_stages: int = 2, heads: int = 4, tau: float = 0.1, abnormal_prior: bool = True,
@@ -270,11 +270,11 @@ class SOFS(nn.Module):
         return torch.softmax(F.interpolate(z, size=size, mode="bilinear", align_corners=False), 1)[:, 1]
 
     def feature_probability(self, z: torch.Tensor) -> torch.Tensor:
-        """Probability at feature resolution (what the loss sees, §4)."""
+        """Probability at feature resolution (what the loss sees, paper §3.2.5)."""
         return torch.sigmoid(z) if self.meta_cls else torch.softmax(z, 1)[:, 1]
 
     def predict(self, x: torch.Tensor, sup: SupportState) -> torch.Tensor:
-        """Eval output (§2.10): final = w * sigmoid(up(z)) + (1 - w) * up(M_a), [B,S,S]."""
+        """Eval output (paper Eq. 5): final = w * sigmoid(up(z)) + (1 - w) * up(M_a), [B,S,S]."""
         size = tuple(x.shape[-2:])
         z, m_a = self.logits(self.encode(x), sup)
         p = self.probability(z, size)

@@ -5,7 +5,7 @@
 >>> feats = bb.forward_features(x, layers=(5, 6, 7, 8, 9, 10))     # 6 x [B, 768, H/14, W/14]
 >>> rn = build_backbone("resnet50", weights="random")
 >>> l2, l3 = rn.forward_features(x, layers=("layer2", "layer3"))    # strides 8, 16
->>> merged = merge_layer23(l2, l3)                                  # [B, 1024, H/8, W/8] (sofs.md §2.2)
+>>> merged = merge_layer23(l2, l3)                                  # [B, 1024, H/8, W/8] (SOFS appendix A.2)
 >>> drn = build_backbone("deep_resnet50", weights="random")          # PSPNet/PFENet deep-base, dilated
 >>> l3, l4 = drn.forward_features(x, layers=("layer3", "layer4"))   # both stride 8; drn.layer0..layer4
 

@@ -1,4 +1,4 @@
-"""PatchCore-style neighbourhood aggregation of ResNet layer2 + layer3 (sofs.md §2.2).
+"""PatchCore-style neighbourhood aggregation of ResNet layer2 + layer3 (SOFS paper appendix A.2).
 
 For each layer the map is unfolded into 3x3 neighbourhoods (stride 1, zero pad 1); layer3's
 neighbourhood maps are bilinearly upsampled (align_corners=False) to layer2's grid; at every

@@ -2,7 +2,7 @@
 
 The class IS a ``torchvision.models.ResNet`` (same module tree, fc included), so its state-dict keys
 are torchvision's and the official ``resnet50-0676ba61.pth`` etc. load with ``strict=True``; a
-model that registers it as ``backbone`` gets the ``backbone.<torchvision name>`` keys of sofs.md §7.
+model that registers it as ``backbone`` gets the ``backbone.<torchvision name>`` keys of the SOFS checkpoint.
 
 Feature taps (``forward_features(x, layers=...)``), stride in input pixels:
 ``relu`` 2 (conv1+bn1+relu), ``maxpool`` 4, ``layer1`` 4, ``layer2`` 8, ``layer3`` 16, ``layer4`` 32.

@@ -1,4 +1,4 @@
-"""The feature taps SOFS and the industrial FSS baselines (PFENet, HDMNet) share (sofs.md §2.2):
+"""The feature taps SOFS and the industrial FSS baselines (PFENet, HDMNet) share (SOFS appendix A.2):
 DINOv2/DINO ViT block outputs (e.g. blocks 5-10 of ViT-B/14 @ 518, 6 x [B,768,37,37]), or for a
 ResNet the PatchCore-merged layer2+3 map (``merge_layer23``, stride 8) returned twice, so that a head
 written for n tapped maps sees the ResNet as two layers; for a VGG (``vgg16_hed``) the same merge of

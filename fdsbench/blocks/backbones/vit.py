@@ -2,7 +2,7 @@
 
 The module tree reproduces the released checkpoints' key names exactly, so
 ``dinov2_vitb14_pretrain.pth`` and ``dino_deitsmall8_pretrain.pth`` load with ``strict=True`` and a
-model that registers the encoder as ``backbone`` (SOFS, sofs.md §7) loads its released checkpoint
+model that registers the encoder as ``backbone`` (SOFS) loads its released checkpoint
 strictly:
 
 * ``cls_token`` [1,1,D], ``pos_embed`` [1,1+(S/p)^2,D] (S = 518 for DINOv2, 224 for DINO),
