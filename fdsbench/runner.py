@@ -625,7 +625,7 @@ def replacement_warnings(manifest: Manifest) -> list[str]:
         if len(set(ids)) < len(ids):
             short[ep.class_key] = short.get(ep.class_key, 0) + 1
     return [f"warning: {cls}: {n} episode(s) repeat a support image — the class has fewer images than "
-            f"shot={manifest.shot}, so supports are drawn with replacement (protocol §3.2)"
+            f"shot={manifest.shot}, so supports are drawn with replacement (as the official SOFS loader does)"
             for cls, n in sorted(short.items())]
 
 
