@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fdsbench.blocks.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from fdsbench.blocks.inference import inference_context
 from fdsbench.errors import DataError, FdsError
 from fdsbench.method import Method
 from fdsbench.registry import register_method
@@ -165,12 +166,7 @@ class FeatureMatching(Method):
         return self._student
 
     def _ctx(self):
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        if self.use_bf16:
-            dev = "cuda" if str(self.device).startswith("cuda") else "cpu"
-            stack.enter_context(torch.autocast(dev, dtype=torch.bfloat16))
-        return stack
+        return inference_context(self.device, self.use_bf16)
 
     def _sim_ctx(self):
         """The similarity's precision: the surrounding autocast, or fp32 with ``similarity_fp32``."""

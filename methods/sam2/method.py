@@ -10,7 +10,6 @@ memory, which gives the same logits as a fresh ``SAM2VideoPredictor`` run per qu
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from typing import Any, ClassVar
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from fdsbench import weights as W
+from fdsbench.blocks.inference import inference_context
 from fdsbench.errors import DataError, FdsError, WeightsError
 from fdsbench.method import Method
 from fdsbench.registry import register_method
@@ -132,12 +132,7 @@ class Sam2VideoTrack(Method):
         self._token = object()
 
     def _ctx(self):
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        if self.use_bf16:
-            dev = "cuda" if str(self.device).startswith("cuda") else "cpu"
-            stack.enter_context(torch.autocast(dev, dtype=torch.bfloat16))
-        return stack
+        return inference_context(self.device, self.use_bf16)
 
     # ---- frames --------------------------------------------------------------------------------
     def load_frame(self, image: np.ndarray, what: str = "image") -> torch.Tensor:
