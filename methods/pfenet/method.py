@@ -103,6 +103,7 @@ class PFENetMethod(Method):
 
     @dataclass
     class Config:
+        # ◊ marks an option the official PFENet code does not have (the industrial rows' and ours)
         # --- model; defaults = the industrial "PFENet" row on DINOv2 ViT-B/14 @ 518 (SOFS Table 1) ---
         arch: str = "taps"  # official (layer0..layer4) | taps (frozen shared encoder)
         backbone: str = "dinov2_vitb14"  # official: deep_resnet50 | deep_resnet101 | vgg16_bn | vgg16_hed

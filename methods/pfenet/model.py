@@ -212,8 +212,8 @@ class PFENet(PFENetHead):
     offline pretrained route); ``weights``: "random" or the ImageNet file (resnet50_v2.pth);
     ``mask_layer4``: support layer4 on its masked layer3 (official); ``strict_size``: refuse inputs other
     than 8k+1 (official assert);
-    ``backbone_bn``: "train" keeps the frozen backbone's BatchNorm in train mode when the model is
-    (official) or "eval"."""
+    ``backbone_bn``: "train" lets the frozen backbone's BatchNorm follow ``model.train()`` (official: no
+    fix_bn), "eval" keeps it in eval mode."""
 
     LAYERS = ("layer0", "layer1", "layer2", "layer3", "layer4")
 
