@@ -53,8 +53,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores", choices=("exact", "binned"), default="exact",
                    help="pixel AUROC/F1/AUPRO: exact (default) or binned (constant memory, error bound recorded)")
     p.add_argument("--workers", type=int, default=2,
-                   help="threads decoding episodes ahead of the method (0: decode and score inline); "
-                        "results do not depend on it")
+                   help="threads decoding episodes ahead of the method, and as many measuring its large "
+                        "outputs behind it (0: decode and score inline); results do not depend on it")
     p.add_argument("--cache-mb", type=float, default=None, help="decoded-image cache size (default 512)")
     _add_speed_args(p)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import FdsError
 from .io import atomic_write_bytes
@@ -33,15 +34,30 @@ class BoundedDir:
 
     def read(self, key: str) -> bytes | None:
         """The entry's bytes (and it becomes the most recently used), or None."""
+        f = self.open(key)
+        if f is None:
+            return None
+        with f:
+            try:
+                return f.read()
+            except OSError:
+                return None
+
+    def open(self, key: str) -> BinaryIO | None:
+        """The entry opened for reading (and it becomes the most recently used), or None: a reader
+        that parses the file itself reads it into its own buffer once, without a bytes copy."""
         p = self.path(key)
         try:
-            data = p.read_bytes()
-            os.utime(p)
+            f = open(p, "rb")
         except OSError:
             return None
+        try:
+            os.utime(p)
+        except OSError:  # removed by another process since: the open file still reads
+            pass
         with self._lock:
             self._used.add(key)
-        return data
+        return f
 
     def write(self, key: str, data: bytes | memoryview) -> bool:
         """Store ``data`` under ``key`` if it fits (after evicting old entries); False if it was not written."""

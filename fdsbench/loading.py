@@ -17,8 +17,10 @@ cache, and an ordered background worker for scoring.
   does it ahead of the method on ``workers`` threads (decoding releases the GIL), handing episodes
   and queries out in manifest order, so results do not depend on the number of workers. Nothing
   here draws random numbers: the episode's seed is set by the runner just before ``prepare``.
-* :class:`OrderedWorker` runs callables one after the other on a background thread (the runner's
-  validation and metric updates), so they overlap with the next ``predict``.
+* :class:`Measurer` runs calls on background threads, several at once (the runner validates and
+  measures large output maps there), and :class:`OrderedWorker` runs callables one after the other
+  on a background thread (the runner adds the measured queries to the meters in order there), so
+  scoring overlaps with the next ``predict``.
 """
 from __future__ import annotations
 
@@ -210,13 +212,14 @@ class EpisodeLoader:
 
         def through_disk() -> np.ndarray:
             name = content_hash([*self._disk_key, list(key)], length=32)
-            data = self.disk.read(name)
-            if data is not None:
-                try:
-                    arr = np.load(io.BytesIO(data), allow_pickle=False)
-                except (ValueError, OSError, EOFError):  # cut short or damaged: decoded again
-                    pass
-                else:
+            f = self.disk.open(name)
+            if f is not None:
+                with f:
+                    try:  # read from the file straight into the array
+                        arr = np.load(f, allow_pickle=False)
+                    except (ValueError, OSError, EOFError):  # cut short or damaged: decoded again
+                        arr = None
+                if arr is not None:
                     if isinstance(arr.base, np.ndarray):  # np.load's own buffer: nobody else writes it
                         arr.base.setflags(write=False)
                     return arr
@@ -360,6 +363,30 @@ def responsive_gil(enabled: bool = True, interval_s: float = 0.0005):
         yield
     finally:
         sys.setswitchinterval(old)
+
+
+class Measurer:
+    """Runs calls on ``threads`` background threads, several at once, each returning a Future
+    (0 threads: the call runs right away and its Future is already done). The runner measures
+    queries here and adds the results to the meters in order (:class:`OrderedWorker`)."""
+
+    def __init__(self, threads: int):
+        self.threads = max(0, int(threads))
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fdsbench-measure") if self.threads else None
+
+    def submit(self, fn: Callable, *args) -> Future:
+        if self._pool is not None:
+            return self._pool.submit(fn, *args)
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - raised by result(), where the job is run in order
+            done.set_exception(e)
+        return done
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class OrderedWorker:

@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import traceback
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -38,10 +39,10 @@ from .episodes import Manifest, check_episode_masks, get_manifest, protocol_for
 from .errors import DataError, FdsError
 from .io import (atomic_write_bytes, atomic_write_json, check_writable_dir, content_hash, read_json, read_npz,
                  set_aside, sha256_file, write_npz)
-from .loading import DEFAULT_CACHE_MB, EpisodeLoader, OrderedWorker, host_array, responsive_gil
+from .loading import DEFAULT_CACHE_MB, EpisodeLoader, Measurer, OrderedWorker, host_array, responsive_gil
 from .method import Method
 from .metrics import MeterSet
-from .metrics.meterset import state_from_arrays, state_to_arrays
+from .metrics.meterset import SPLIT_PIXELS, state_from_arrays, state_to_arrays
 from .timing import ShapeWarmup, accelerate, autocast
 from .datasets_cli import open_dataset
 from .registry import get_dataset, get_method, load_plugin
@@ -82,7 +83,7 @@ class BenchSpec:
     checkpoint_every_s: float = 20.0
     progress: bool = True
     score_mode: str = "exact"  # pixel scores: "exact" or "binned" (constant memory, error bound recorded)
-    workers: int = 2  # decoding threads ahead of the method; 0: decode inline, score inline
+    workers: int = 2  # decoding threads ahead of the method and measuring threads behind it; 0: all inline
     cache_mb: float = DEFAULT_CACHE_MB  # decoded-image cache of the episode loader
     compile: bool = False  # torch.compile the method's modules (recorded; part of the run identity)
     channels_last: bool = False  # channels-last memory format of its modules (recorded; identity)
@@ -465,16 +466,30 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
     bar = _progress(total=sum(len(e.queries) for e in episodes), desc=f"{method.name} {ds.name} f{spec.fold}",
                     enabled=spec.progress and rank == 0,
                     initial=sum(len(e.queries) for e in episodes if e.index in done))
-    # validation and metric updates run in order on a background thread, overlapping the next predict
+    # each output is validated and measured (large maps on the measuring threads, several at once),
+    # then added to the meters in order on the scorer thread, overlapping the next predict
     scorer = OrderedWorker(enabled=spec.workers > 0)
+    measurer = Measurer(spec.workers)
 
-    def score(pred, query: Query, gt, ep: Episode) -> None:
+    def measure(pred, query: Query, gt):
         pred, value_range = validate_prediction(pred, query, method.name)
-        if gt is None:  # predict-only query: keep the map, score nothing
-            save_prediction(Path(spec.workdir) / "predictions" / rid, query.id, pred)
+        if gt is None:  # predict-only query: the map is kept, nothing scored
+            return pred
+        return meters.measure(pred, gt, query.id, value_range, split=measurer.threads < 2)
+
+    def score(out, query: Query, gt, ep: Episode) -> None:
+        measured = out.result() if isinstance(out, Future) else measure(out, query, gt)
+        if gt is None:
+            save_prediction(Path(spec.workdir) / "predictions" / rid, query.id, measured)
         else:
-            meters.update(pred, gt, class_key=ep.class_key, episode=ep.index, query_id=query.id,
-                          value_range=value_range)
+            meters.add(measured, class_key=ep.class_key, episode=ep.index, query_id=query.id)
+
+    def hand_over(pred, query: Query, gt, ep: Episode) -> tuple:
+        """The scorer's job for one output. A large map starts being measured now, on the measuring
+        threads; a small one is measured by the scorer itself (a hand-off costs more than its work)."""
+        if getattr(pred, "size", 0) >= SPLIT_PIXELS:
+            pred = measurer.submit(measure, pred, query, gt)
+        return score, pred, query, gt, ep
 
     def checkpoint(wait: bool) -> None:
         """Save progress on the scorer thread, after the scoring jobs handed over before it (so the
@@ -485,9 +500,10 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
 
     try:
         with responsive_gil(spec.workers > 0):
-            _episodes(spec, method, loader, todo, timer, scorer, score, done, checkpoint, bar)
+            _episodes(spec, method, loader, todo, timer, scorer, hand_over, done, checkpoint, bar)
     finally:
         scorer.close()
+        measurer.close()
     bar.close()
     scorer.join()  # every query scored; no final save: the record is written next
     if size > 1:
@@ -496,19 +512,21 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
 
 
 def _episodes(spec: BenchSpec, method: Method, loader: EpisodeLoader, todo: list[Episode], timer, scorer,
-              score, done: set[int], checkpoint, bar) -> None:
+              hand_over, done: set[int], checkpoint, bar) -> None:
     """The timed loop: episodes decoded ahead by the loader, prepare and predict timed, each output
-    handed to ``score`` on the scorer thread, progress saved every ``checkpoint_every_s``. Scoring
-    jobs are handed over just before the method's next call, so the scorer works while the method
-    does (a GPU method waits for its kernels without the GIL), not while the harness prepares it."""
+    turned into a scoring job by ``hand_over`` and run on the scorer thread, progress saved every
+    ``checkpoint_every_s``. Outputs are handed over just before the method's next call, so scoring
+    works while the method does (a GPU method waits for its kernels without the GIL), not while the
+    harness prepares it."""
     last_save = time.monotonic()
     amp = autocast(spec.device, getattr(method, "autocast", None))
     shape_warmup = ShapeWarmup(spec.warmup_per_shape)
-    pending: list[tuple] = []
+    pending: list[tuple] = []  # ("output", pred, query, gt, ep) and ("done", episode index) since the last call
 
     def flush() -> None:
-        if pending:
-            scorer.submit(_run_jobs, pending.copy())  # one hand-over for the jobs of the last call
+        if pending:  # one hand-over for all of them
+            scorer.submit(_run_jobs, [hand_over(*args) if kind == "output" else (done.add, *args)
+                                      for kind, *args in pending])
             pending.clear()
 
     def save(wait: bool = False) -> None:
@@ -539,9 +557,9 @@ def _episodes(spec: BenchSpec, method: Method, loader: EpisodeLoader, todo: list
             except Exception as e:  # noqa: BLE001
                 save(wait=True)
                 raise _method_failure(method.name, "predict", ep, qid, e) from e
-            pending.append((score, host_array(pred), query, gt, ep))
+            pending.append(("output", host_array(pred), query, gt, ep))
             bar.update(1)
-        pending.append((done.add, ep.index))
+        pending.append(("done", ep.index))
         if time.monotonic() - last_save > spec.checkpoint_every_s:
             save()
             last_save = time.monotonic()

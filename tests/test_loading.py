@@ -10,14 +10,16 @@ import pytest
 from PIL import Image
 
 from fdsbench.cli import main
+from fdsbench.errors import FdsError
 from fdsbench.io import read_image
 from fdsbench.loading import DecodedCache, EpisodeLoader, OrderedWorker, decode_image
 from fdsbench.method import Method
 from fdsbench.registry import register_method
+import fdsbench.runner as runner_module
 from fdsbench.runner import BenchSpec, run
 from fdsbench.types import Requirements
 
-STOP = {"at": None, "calls": 0}
+STOP = {"at": None, "calls": 0, "bad": None}  # interrupt at call "at"; a value above 1 at call "bad"
 
 
 @register_method("loading_probe")
@@ -38,7 +40,10 @@ class LoadingProbe(Method):
         if STOP["at"] is not None and STOP["calls"] >= STOP["at"]:
             raise KeyboardInterrupt
         d = np.sqrt(((query.image.astype(np.float32) - state) ** 2).sum(-1))
-        return np.exp(-d / self.config.scale).astype(np.float32)
+        out = np.exp(-d / self.config.scale).astype(np.float32)
+        if STOP["calls"] == STOP["bad"]:
+            out[0, 0] = 1.5
+        return out
 
 
 def _images(tmp_path):
@@ -147,10 +152,15 @@ def _spec(workdir, **kw):
     return BenchSpec(**{**base, **kw})
 
 
-def test_same_record_for_any_worker_count_and_after_resume(synthetic, tmp_path):
+def test_same_record_for_any_worker_count_and_after_resume(synthetic, tmp_path, monkeypatch):
     STOP.update(at=None, calls=0)
     recs = {w: run(_spec(tmp_path / f"w{w}", workers=w), log=lambda m: None)[0] for w in (0, 1, 2)}
     assert recs[0]["metrics"] == recs[1]["metrics"] == recs[2]["metrics"]
+    with monkeypatch.context() as mp:  # every map measured on the measuring threads, several at once
+        mp.setattr(runner_module, "SPLIT_PIXELS", 1)
+        for w in (1, 2):
+            pooled = run(_spec(tmp_path / f"pool{w}", workers=w), log=lambda m: None)[0]
+            assert pooled["metrics"] == recs[0]["metrics"]
     assert recs[0]["metrics"]["n_queries"] == 6
     STOP.update(at=4, calls=0)
     with pytest.raises(KeyboardInterrupt):
@@ -159,6 +169,19 @@ def test_same_record_for_any_worker_count_and_after_resume(synthetic, tmp_path):
     resumed = run(_spec(tmp_path / "resumed", workers=2), log=lambda m: None)[0]
     assert STOP["calls"] < 6  # finished episodes were not redone
     assert resumed["metrics"] == recs[0]["metrics"]
+
+
+@pytest.mark.parametrize("split_pixels", [None, 1])
+def test_an_output_outside_0_1_stops_the_run_naming_method_and_query(synthetic, tmp_path, monkeypatch, split_pixels):
+    """The contract's check holds whether a map is measured by the scorer or on the measuring threads."""
+    if split_pixels:
+        monkeypatch.setattr(runner_module, "SPLIT_PIXELS", split_pixels)
+    STOP.update(at=None, calls=0, bad=3)
+    try:
+        with pytest.raises(FdsError, match=r"method 'loading_probe' returned values in \[.*, 1\.5\] for query "):
+            run(_spec(tmp_path, workers=2), log=lambda m: None)
+    finally:
+        STOP.update(bad=None)
 
 
 def test_binned_scores_from_the_cli(synthetic, tmp_path, capsys):

@@ -7,6 +7,7 @@ import pytest
 
 from fdsbench.errors import FdsError
 from fdsbench.metrics import MeterSet
+from fdsbench.metrics.meterset import state_to_arrays
 
 
 def queries(seed=0, n=18):
@@ -50,6 +51,29 @@ def test_shard_reorder_resume_bit_identical(mode, pcs):
             total.merge(other)
         assert total.compute() == ref
         assert json.dumps(total.compute(), sort_keys=True) == json.dumps(ref, sort_keys=True)
+
+
+@pytest.mark.parametrize("mode", ["exact", "binned", "off"])
+def test_measured_on_threads_and_added_in_order_equals_update(mode):
+    """The runner measures queries on several threads at once and adds them in order: the state
+    and the metrics equal those of ``update`` one query after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    qs = queries(seed=5)
+    kw = dict(score_mode=mode, bins=64, per_class_scores=True)
+    ref = run(qs, **kw)
+    m = MeterSet(**kw)
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(m.measure, p, g, q, None, False) for p, g, c, e, q in qs]
+        assert len(m) == 0  # measuring changes nothing
+        for f, (p, g, c, e, q) in zip(futures, qs):
+            m.add(f.result(), class_key=c, episode=e, query_id=q)
+    assert m.compute() == ref.compute()
+    a, b = state_to_arrays(m.state_dict()), state_to_arrays(ref.state_dict())
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    p, g, c, e, q = qs[0]
+    with pytest.raises(FdsError, match="scored twice"):
+        m.add(m.measure(p, g, q), class_key=c, episode=e, query_id=q)
 
 
 def test_state_dict_is_plain_and_round_trips():

@@ -30,6 +30,7 @@ import os
 import re
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -150,6 +151,14 @@ def _image_score_fn(spec: str):
     raise FdsError(f"unknown image_score '{spec}'; use max, mean, area or topK% (e.g. top1%)")
 
 
+class Measured(NamedTuple):
+    """One query as :meth:`MeterSet.measure` gives it: its row (confusion counts, image score,
+    region count) and its pixel scores (exact: the scores, positives and their region sizes;
+    binned: the histogram, positives' bins, their regions and the region sizes)."""
+    row: dict
+    pixels: tuple | None
+
+
 class MeterSet:
     """Segmentation + score meters with mergeable state. See the module docstring.
 
@@ -208,11 +217,24 @@ class MeterSet:
                value_range: tuple[float, float] | None = None) -> None:
         """Add one query: ``prob`` float [H, W] in [0, 1] (numpy or torch), ``gt`` bool [H, W].
         ``value_range``: the (min, max) of ``prob`` where the caller has computed it already."""
-        qid = str(query_id)
-        key = (int(episode), qid, str(class_key))
+        self._check_new(self._key(episode, query_id, class_key))
+        self.add(self.measure(prob, gt, query_id, value_range), class_key, episode, query_id)
+
+    @staticmethod
+    def _key(episode: int, query_id: str, class_key: str) -> tuple:
+        return int(episode), str(query_id), str(class_key)
+
+    def _check_new(self, key: tuple) -> None:
         if key in self._rows:
-            raise FdsError(f"query '{qid}' of episode {episode} ({class_key}) was scored twice; "
+            raise FdsError(f"query '{key[1]}' of episode {key[0]} ({key[2]}) was scored twice; "
                            f"each (episode, query) may be updated once")
+
+    def measure(self, prob, gt, query_id: str, value_range: tuple[float, float] | None = None,
+                split: bool = True) -> "Measured":
+        """What :meth:`update` takes from one map, without changing the meters: safe to call on
+        several threads at once (the runner measures queries in parallel and adds them in order).
+        ``split``: score a large map in two halves on two threads."""
+        qid = str(query_id)
         p = _to_numpy(prob, "prob", qid)
         g = _to_numpy(gt, "gt", qid)
         if p.ndim != 2 or p.shape != g.shape:
@@ -265,7 +287,7 @@ class MeterSet:
                 scores[a:b] = seg
             return counts, None
 
-        parts = _in_halves(part, flat.size)
+        parts = _in_halves(part, flat.size) if split else [part(0, flat.size)]
         n_pred, tp = (sum(c[i] for c, _ in parts) for i in (0, 1))
         if self.config["image_score"] == "max":
             img_score = hi
@@ -273,19 +295,25 @@ class MeterSet:
             img_score = self._score_fn(_sigmoid(p) if logits else p, n_pred)
         P = int(pos_idx.size)
         row = {"tp": tp, "fp": n_pred - tp, "fn": P - tp, "tn": g.size - n_pred - P + tp,
-               "image_score": float(img_score), "n_regions": 0}
-        if mode != "off":
-            row["n_regions"] = int(sizes.size)
-            if mode == "exact":
-                self._chunks[key] = (scores, pos_idx.astype(np.int32), sizes[reg].astype(np.int32))  # < 2**31 px
-            else:
-                hist = sum(h for _, (h, _) in parts)
-                pos_bins = np.concatenate([pb for _, (_, pb) in parts])
-                self._binned.add(hist, pos_bins, reg, sizes)
-                if self.config["per_class_scores"]:
-                    self._binned_pc.setdefault(key[2], BinnedScores(self.config["bins"])).add(
-                        hist, pos_bins, reg, sizes)
-        self._rows[key] = row
+               "image_score": float(img_score), "n_regions": 0 if mode == "off" else int(sizes.size)}
+        if mode == "exact":
+            return Measured(row, (scores, pos_idx.astype(np.int32), sizes[reg].astype(np.int32)))  # < 2**31 px
+        if mode == "binned":
+            hist = sum(h for _, (h, _) in parts)
+            return Measured(row, (hist, np.concatenate([pb for _, (_, pb) in parts]), reg, sizes))
+        return Measured(row, None)
+
+    def add(self, m: "Measured", class_key: str, episode: int, query_id: str) -> None:
+        """Add a query measured by :meth:`measure` (with this meter's configuration)."""
+        key = self._key(episode, query_id, class_key)
+        self._check_new(key)
+        if self.config["score_mode"] == "exact":
+            self._chunks[key] = m.pixels
+        elif self.config["score_mode"] == "binned":
+            self._binned.add(*m.pixels)
+            if self.config["per_class_scores"]:
+                self._binned_pc.setdefault(key[2], BinnedScores(self.config["bins"])).add(*m.pixels)
+        self._rows[key] = m.row
 
     def prepare_gt(self, gt: np.ndarray) -> None:
         """Label the regions of a shared (read-only) ground-truth mask now, e.g. on a loading

@@ -214,12 +214,20 @@ def bin_index(scores: np.ndarray, bins: int) -> np.ndarray:
     return b
 
 
+def _bincount32(idx: np.ndarray, n: int) -> np.ndarray:
+    """``np.bincount(idx, minlength=n)`` of int32 indices in [0, n) without numpy's widening copy
+    to int64 (torch counts int32 directly; the counts are the same integers)."""
+    import torch
+
+    return torch.bincount(torch.from_numpy(idx), minlength=n).numpy()
+
+
 class BinnedScores:
     """Constant-memory pixel-score histograms: positives, negatives and fixed-point PRO weights."""
 
     def __init__(self, bins: int = 10000):
-        if int(bins) < 2:
-            raise ValueError("bins must be >= 2")
+        if not 2 <= int(bins) < 2 ** 31 - 1:
+            raise ValueError("bins must be >= 2 (and below 2**31 - 1)")
         self.bins = int(bins)
         self.pos = np.zeros(self.bins, np.int64)
         self.neg = np.zeros(self.bins, np.int64)
@@ -232,11 +240,11 @@ class BinnedScores:
         -> (counts per bin, ``[negatives 0..bins | positives 0..bins]`` with bin ``bins`` holding the
         score 1.0; the bin of each positive). Histograms of parts of a map add up to the whole's."""
         s = scores if scores.dtype in (np.float32, np.float64) else scores.astype(np.float64)
-        idx = np.empty(s.size, np.intp)  # floor(s * bins) in the scores' float type, in one pass;
+        idx = np.empty(s.size, np.int32)  # floor(s * bins) in the scores' float type, in one pass;
         np.multiply(s, s.dtype.type(bins), out=idx, casting="unsafe")  # 1.0 -> bins (folded in add)
         pos_bins = idx[pos_idx]
         hist_pos = np.bincount(pos_bins, minlength=bins + 1)
-        return np.concatenate((np.bincount(idx, minlength=bins + 1) - hist_pos, hist_pos)), pos_bins
+        return np.concatenate((_bincount32(idx, bins + 1) - hist_pos, hist_pos)), pos_bins
 
     def update(self, scores: np.ndarray, pos_idx: np.ndarray, region_of_pos: np.ndarray,
                region_sizes: np.ndarray) -> None:
