@@ -81,15 +81,11 @@ def decode_image(path: str | Path) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     if _opencv_decodes_like_pillow(data):
-        # IMREAD_UNCHANGED: no EXIF rotation and no grey->colour conversion rules of OpenCV's own
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if arr is not None and arr.dtype == np.uint8:
-            if arr.ndim == 2:
-                return np.repeat(arr[:, :, None], 3, axis=2)
-            if arr.shape[2] == 3:
-                return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
-            if arr.shape[2] == 4:
-                return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
+        # RGB straight from the decoder (grey replicated, palette expanded, alpha dropped, as
+        # Pillow's convert("RGB")); no EXIF rotation, which Pillow does not apply either
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+        if arr is not None:
+            return arr
     return read_image(path)  # the reference decoder names a damaged file
 
 

@@ -46,6 +46,12 @@ class LoadingProbe(Method):
         return out
 
 
+def _exif_orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value  # Orientation: Pillow's convert("RGB") does not rotate, nor may we
+    return exif.tobytes()
+
+
 def _images(tmp_path):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
@@ -58,6 +64,7 @@ def _images(tmp_path):
            "q95.jpg": (Image.fromarray(smooth), {"quality": 95, "subsampling": 0}),
            "q75.jpg": (Image.fromarray(smooth), {"quality": 75, "subsampling": 2}),
            "grey.jpg": (Image.fromarray(smooth[..., 0]), {"quality": 90}),
+           "rotated.jpg": (Image.fromarray(smooth), {"quality": 90, "exif": _exif_orientation(6)}),
            "cmyk.jpg": (Image.fromarray(smooth).convert("CMYK"), {"quality": 90}),
            "rgb.bmp": (Image.fromarray(rgb), {}), "rgb.tif": (Image.fromarray(rgb), {})}
     for name, (im, kw) in out.items():
