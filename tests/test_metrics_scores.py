@@ -154,6 +154,22 @@ def test_binned_within_stated_bound(kind, bins):
         assert bi[k] == ex[k]
 
 
+def test_histograms_equal_with_and_without_torch_loaded(monkeypatch):
+    """Binned counts come from torch where it is loaded and from numpy otherwise: the same integers."""
+    import sys
+
+    import torch  # noqa: F401  (loaded, as in every benchmark run)
+
+    rng = np.random.default_rng(7)
+    s = np.concatenate([rng.random(5000, dtype=np.float32), np.full(3000, 0.25, np.float32), [0.0, 1.0]])
+    pos = np.sort(rng.choice(s.size, 400, replace=False))
+    with_torch = BinnedScores.histogram(s, pos, 1000)
+    monkeypatch.delitem(sys.modules, "torch")
+    without = BinnedScores.histogram(s, pos, 1000)
+    assert np.array_equal(with_torch[0], without[0]) and np.array_equal(with_torch[1], without[1])
+    assert with_torch[0].sum() == s.size and with_torch[0][1001:].sum() == pos.size
+
+
 def test_binned_bound_is_small_for_fine_bins_and_tight_for_grid_scores():
     rng = np.random.default_rng(3)
     maps, gts = make_case(rng, "random", n=8, h=40, w=40)
