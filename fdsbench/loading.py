@@ -17,18 +17,18 @@ cache, and an ordered background worker for scoring.
   does it ahead of the method on ``workers`` threads (decoding releases the GIL), handing episodes
   and queries out in manifest order, so results do not depend on the number of workers. Nothing
   here draws random numbers: the episode's seed is set by the runner just before ``prepare``.
-* :class:`Measurer` runs calls on background threads, several at once (the runner validates and
-  measures large output maps there), and :class:`OrderedWorker` runs callables one after the other
-  on a background thread (the runner adds the measured queries to the meters in order there), so
-  scoring overlaps with the next ``predict``.
+* :class:`OrderedWorker` runs callables one after the other on a background thread (the runner adds
+  the measured queries to the meters there, in order), so scoring overlaps with the next ``predict``.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import io
+import math
 import os
 import queue
+import re
 import sys
 import threading
 import weakref
@@ -87,6 +87,29 @@ def decode_image(path: str | Path) -> np.ndarray:
         if arr is not None:
             return arr
     return read_image(path)  # the reference decoder names a damaged file
+
+
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|=][a-z]\d+)', 'fortran_order': False, 'shape': \(((?:\d+, )*(?:\d+,?)?)\), \}")
+
+
+def _read_npy(f) -> np.ndarray:
+    """A ``.npy`` file's array as :func:`numpy.save` writes a plain C-order array, read from the file
+    straight into its own (read-only) buffer; anything else raises ValueError. The header is matched
+    here, not by numpy's reader: that one calls ``ast.literal_eval``, which is not thread-safe in
+    CPython 3.11 ("AST constructor recursion depth mismatch" when loading threads parse at once)."""
+    major, _ = np.lib.format.read_magic(f)
+    size = int.from_bytes(f.read(2 if major == 1 else 4), "little")
+    m = _NPY_HEADER.fullmatch(f.read(size).decode("latin1").rstrip(" \n"))
+    if m is None:
+        raise ValueError("not a plain C-order array")
+    dtype, shape = np.dtype(m.group(1)), tuple(int(v) for v in m.group(2).split(",") if v)
+    if math.prod(shape) * dtype.itemsize != os.fstat(f.fileno()).st_size - f.tell():
+        raise ValueError("cut short or padded")
+    arr = np.empty(math.prod(shape), dtype)
+    if f.readinto(arr.view(np.uint8)) != arr.nbytes:
+        raise ValueError("cut short")
+    arr.setflags(write=False)  # the cache shares it: nobody may change it (the view below neither)
+    return arr.reshape(shape)
 
 
 class DecodedCache:
@@ -211,13 +234,11 @@ class EpisodeLoader:
             f = self.disk.open(name)
             if f is not None:
                 with f:
-                    try:  # read from the file straight into the array
-                        arr = np.load(f, allow_pickle=False)
+                    try:
+                        arr = _read_npy(f)
                     except (ValueError, OSError, EOFError):  # cut short or damaged: decoded again
                         arr = None
                 if arr is not None:
-                    if isinstance(arr.base, np.ndarray):  # np.load's own buffer: nobody else writes it
-                        arr.base.setflags(write=False)
                     return arr
             arr = make()
             buf = io.BytesIO()
@@ -359,30 +380,6 @@ def responsive_gil(enabled: bool = True, interval_s: float = 0.0005):
         yield
     finally:
         sys.setswitchinterval(old)
-
-
-class Measurer:
-    """Runs calls on ``threads`` background threads, several at once, each returning a Future
-    (0 threads: the call runs right away and its Future is already done). The runner measures
-    queries here and adds the results to the meters in order (:class:`OrderedWorker`)."""
-
-    def __init__(self, threads: int):
-        self.threads = max(0, int(threads))
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fdsbench-measure") if self.threads else None
-
-    def submit(self, fn: Callable, *args) -> Future:
-        if self._pool is not None:
-            return self._pool.submit(fn, *args)
-        done: Future = Future()
-        try:
-            done.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 - raised by result(), where the job is run in order
-            done.set_exception(e)
-        return done
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class OrderedWorker:

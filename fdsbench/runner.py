@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 import traceback
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +39,7 @@ from .episodes import Manifest, check_episode_masks, get_manifest, protocol_for
 from .errors import DataError, FdsError
 from .io import (atomic_write_bytes, atomic_write_json, check_writable_dir, content_hash, read_json, read_npz,
                  set_aside, sha256_file, write_npz)
-from .loading import DEFAULT_CACHE_MB, EpisodeLoader, Measurer, OrderedWorker, host_array, responsive_gil
+from .loading import DEFAULT_CACHE_MB, EpisodeLoader, OrderedWorker, host_array, responsive_gil
 from .method import Method
 from .metrics import MeterSet
 from .metrics.meterset import SPLIT_PIXELS, state_from_arrays, state_to_arrays
@@ -469,13 +469,13 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
     # each output is validated and measured (large maps on the measuring threads, several at once),
     # then added to the meters in order on the scorer thread, overlapping the next predict
     scorer = OrderedWorker(enabled=spec.workers > 0)
-    measurer = Measurer(spec.workers)
+    measurer = ThreadPoolExecutor(spec.workers, thread_name_prefix="fdsbench-measure") if spec.workers > 0 else None
 
     def measure(pred, query: Query, gt):
         pred, value_range = validate_prediction(pred, query, method.name)
         if gt is None:  # predict-only query: the map is kept, nothing scored
             return pred
-        return meters.measure(pred, gt, query.id, value_range, split=measurer.threads < 2)
+        return meters.measure(pred, gt, query.id, value_range, split=spec.workers < 2)
 
     def score(out, query: Query, gt, ep: Episode) -> None:
         measured = out.result() if isinstance(out, Future) else measure(out, query, gt)
@@ -487,7 +487,7 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
     def hand_over(pred, query: Query, gt, ep: Episode) -> tuple:
         """The scorer's job for one output. A large map starts being measured now, on the measuring
         threads; a small one is measured by the scorer itself (a hand-off costs more than its work)."""
-        if getattr(pred, "size", 0) >= SPLIT_PIXELS:
+        if measurer is not None and getattr(pred, "size", 0) >= SPLIT_PIXELS:
             pred = measurer.submit(measure, pred, query, gt)
         return score, pred, query, gt, ep
 
@@ -503,7 +503,8 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
             _episodes(spec, method, loader, todo, timer, scorer, hand_over, done, checkpoint, bar)
     finally:
         scorer.close()
-        measurer.close()
+        if measurer is not None:
+            measurer.shutdown(wait=True, cancel_futures=True)
     bar.close()
     scorer.join()  # every query scored; no final save: the record is written next
     if size > 1:

@@ -12,7 +12,7 @@ from PIL import Image
 from fdsbench.cli import main
 from fdsbench.errors import FdsError
 from fdsbench.io import read_image
-from fdsbench.loading import DecodedCache, EpisodeLoader, OrderedWorker, decode_image
+from fdsbench.loading import DecodedCache, EpisodeLoader, OrderedWorker, _read_npy, decode_image
 from fdsbench.method import Method
 from fdsbench.registry import register_method
 import fdsbench.runner as runner_module
@@ -78,6 +78,27 @@ def test_fast_decoder_gives_the_reference_pixels(tmp_path, synthetic):
         ref, fast = read_image(p), decode_image(p)
         assert fast.dtype == np.uint8 and fast.flags.writeable and fast.shape == ref.shape, p
         assert np.array_equal(fast, ref), p
+
+
+def test_decoded_entries_are_read_without_the_python_parser(tmp_path, monkeypatch):
+    """Loading threads read .npy entries at once: their headers are matched without ``ast`` (not
+    thread-safe in CPython 3.11); a pickled, Fortran-order or cut-short file is refused."""
+    import ast
+
+    monkeypatch.setattr(ast, "parse", lambda *a, **k: pytest.fail("ast.parse called"))
+    rng = np.random.default_rng(0)
+    for i, a in enumerate([rng.integers(0, 256, (48, 40, 3), dtype=np.uint8), rng.random((7, 9)) > 0.5,
+                           np.arange(5, dtype=np.float32), np.zeros((0, 3), np.uint8)]):
+        np.save(tmp_path / f"{i}.npy", a)
+        with open(tmp_path / f"{i}.npy", "rb") as f:
+            out = _read_npy(f)
+        assert out.dtype == a.dtype and out.shape == a.shape and np.array_equal(out, a) and not out.flags.writeable
+    for name, a in (("fortran", np.zeros((3, 4)).T), ("object", np.array([{"a": 1}], dtype=object))):
+        np.save(tmp_path / f"{name}.npy", a, allow_pickle=True)
+    (tmp_path / "short.npy").write_bytes((tmp_path / "0.npy").read_bytes()[:-3])
+    for name in ("fortran", "object", "short"):
+        with open(tmp_path / f"{name}.npy", "rb") as f, pytest.raises(ValueError):
+            _read_npy(f)
 
 
 def test_cache_is_bounded_and_shared_arrays_are_read_only():

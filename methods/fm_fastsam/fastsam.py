@@ -10,8 +10,9 @@ Importing this module sets, BEFORE ultralytics is first imported:
 Weights are only ever local files (a bare name like ``FastSAM-s.pt`` would make ultralytics
 download it): :func:`load` refuses anything that is not an existing file. Nothing is plotted or
 saved (fonts would be downloaded). FastSAM checkpoints are pickled modules, so ultralytics loads
-them with ``weights_only=False``: only files whose sha256 the weights table accepts are loaded
-(the random-init model is built in-process from ultralytics' YOLOv8-seg yaml).
+them with ``weights_only=False``: only the weights table's files (sha256 checked) or a file the user
+names explicitly are loaded, never a file of the workdir (the random-init model is built in-process
+from ultralytics' YOLOv8-seg yaml and handed over through a private temporary folder).
 """
 from __future__ import annotations
 
