@@ -1,6 +1,8 @@
 """A directory of cache entries bounded in bytes, shared by the processes that use it.
 
-One file per key (``<dir>/<key[:2]>/<key><suffix>``), written atomically without fsync: an entry
+One file per key (``<dir>/<key[0]>/<key><suffix>``: 16 folders, made once, not one for nearly every
+entry of a new cache; entries of other folders are counted and aged out alike), written atomically
+without fsync: an entry
 cut short by a crash fails to load and is recomputed. When the directory is full, the oldest
 entries (by last use) that this process has not used are removed; when none can be, new entries
 are not written for the rest of the session (methods run one after another in separate processes
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import FdsError
-from .io import atomic_write_bytes
+from .io import Buffer, atomic_write_bytes
 
 
 class BoundedDir:
@@ -26,11 +28,12 @@ class BoundedDir:
         self._bytes: int | None = None  # scanned on the first write
         self._used: set[str] = set()  # keys this process read or wrote (never evicted by it)
         self._full = False  # nothing left to evict: no more writes in this session
+        self._writing = 0  # bytes of entries being written by this process's threads
         self._lock = threading.Lock()
         self.skipped = 0
 
     def path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}{self.suffix}"
+        return self.folder / key[0] / f"{key}{self.suffix}"
 
     def read(self, key: str) -> bytes | None:
         """The entry's bytes (and it becomes the most recently used), or None."""
@@ -59,22 +62,32 @@ class BoundedDir:
             self._used.add(key)
         return f
 
-    def write(self, key: str, data: bytes | memoryview) -> bool:
-        """Store ``data`` under ``key`` if it fits (after evicting old entries); False if it was not written."""
+    def write(self, key: str, data: Buffer | list[Buffer] | tuple[Buffer, ...]) -> bool:
+        """Store ``data`` (bytes-like, or a list or tuple of them written one after the other) under ``key`` if it fits
+        (after evicting old entries); False if it was not written. The room is taken under the lock,
+        the file is written outside it: several threads write at once."""
+        parts = data if isinstance(data, (list, tuple)) else (data,)
+        n = sum(memoryview(p).nbytes for p in parts)
         with self._lock:
-            if self._full or self._bytes is None or self._bytes + len(data) > self.max_bytes:
-                if self._full or not self._make_room(len(data)):
+            if self._full or self._bytes is None or self._bytes + n > self.max_bytes:
+                if self._full or not self._make_room(n):
                     self._full = True
                     self.skipped += 1
                     return False
-            try:
-                atomic_write_bytes(self.path(key), data, durable=False)
-            except FdsError:
+            self._bytes += n
+            self._writing += n
+            self._used.add(key)  # not evicted by this process, even before it is written
+        try:
+            atomic_write_bytes(self.path(key), parts, durable=False)
+            written = True
+        except FdsError:
+            written = False
+        with self._lock:
+            self._writing -= n
+            if not written:
+                self._bytes -= n
                 self.skipped += 1
-                return False
-            self._bytes += len(data)
-            self._used.add(key)
-            return True
+        return written
 
     def _entries(self) -> list[tuple[float, int, Path]]:
         out = []
@@ -92,7 +105,7 @@ class BoundedDir:
     def _make_room(self, n: int) -> bool:
         """Free the oldest entries this process has not used until ``n`` bytes fit (to 90 % of the bound)."""
         entries = self._entries()
-        self._bytes = sum(s for _, s, _ in entries)
+        self._bytes = sum(s for _, s, _ in entries) + self._writing  # an entry just renamed counts twice: bound kept
         if self._bytes + n <= self.max_bytes:
             return True
         target = 0.9 * self.max_bytes - n

@@ -12,12 +12,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
 from .errors import DataError, FdsError, WriteError
 
+
+#: what :func:`atomic_write_bytes` writes: bytes-like (a list or tuple of them: one after the other)
+Buffer = Union[bytes, bytearray, memoryview]
 
 #: mode of every file fdsbench writes: readable by the group and others (mkstemp would give 0600)
 FILE_MODE = 0o644
@@ -42,10 +45,12 @@ def write_error(path: str | os.PathLike, e: OSError) -> WriteError:
     return WriteError(e.errno, f"cannot write {path}: {e.strerror or e}; {fix}")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` (mode 0644) so that readers see either the old file or the whole
-    new one; ``durable=False`` skips the fsync (a cache entry lost in a crash is recomputed). A full
-    disk or an unwritable folder raises :class:`FdsError` naming the file."""
+def atomic_write_bytes(path: str | os.PathLike, data: Buffer | list[Buffer] | tuple[Buffer, ...],
+                       durable: bool = True) -> None:
+    """Write ``data`` (bytes-like, or a list or tuple of them written one after the other, without
+    joining them) to ``path`` (mode 0644) so that readers see either the old file or the whole new one;
+    ``durable=False`` skips the fsync (a cache entry lost in a crash is recomputed). A full disk or
+    an unwritable folder raises :class:`FdsError` naming the file."""
     path = Path(path)
     tmp = None
     try:
@@ -53,7 +58,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview, durabl
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), FILE_MODE)
-            f.write(data)
+            for part in (data if isinstance(data, (list, tuple)) else (data,)):
+                f.write(part)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())

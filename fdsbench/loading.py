@@ -112,6 +112,14 @@ def _read_npy(f) -> np.ndarray:
     return arr.reshape(shape)
 
 
+def _npy_parts(arr: np.ndarray) -> tuple[bytes, memoryview]:
+    """A C-order array as the two parts of its ``.npy`` file (the header :func:`numpy.save` writes,
+    and the array's own memory): written to disk without first copying the pixels into one buffer."""
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(arr))
+    return head.getvalue(), memoryview(arr.reshape(-1).view(np.uint8))
+
+
 class DecodedCache:
     """Thread-safe LRU of decoded arrays bounded by ``max_bytes`` (0 disables it). ``get`` returns
     the cached array itself: callers that hand it to a method copy it first. A key being decoded by
@@ -240,10 +248,8 @@ class EpisodeLoader:
                         arr = None
                 if arr is not None:
                     return arr
-            arr = make()
-            buf = io.BytesIO()
-            np.save(buf, arr, allow_pickle=False)
-            self.disk.write(name, buf.getbuffer())  # no copy of the encoded bytes
+            arr = np.ascontiguousarray(make())
+            self.disk.write(name, _npy_parts(arr))
             return arr
         return self.cache.get(key, through_disk)
 
