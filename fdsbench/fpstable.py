@@ -122,7 +122,8 @@ def _compare_fp32(cls, preset: str, device: str, outputs: list, workdir: Path) -
     fp32 = []
     for support, query, _ in outputs:
         seed_everything(support.seed)
-        fp32.append(host_array(ref.predict(ref.prepare(support), query)))
+        pred = ref.predict(ref.prepare(support), query)
+        fp32.append(host_array(pred))
     return output_difference(fp32, [o for _, _, o in outputs])
 
 

@@ -363,12 +363,23 @@ def _ordered(pool: ThreadPoolExecutor, fn, items: list, depth: int) -> Iterator:
         yield result
 
 
+#: references to an array that only the caller of :func:`host_array` holds: the caller's variable,
+#: the parameter, and ``sys.getrefcount``'s own argument
+_CALLER_ONLY = 3
+
+
 def host_array(pred):
-    """A method's output as a host array the harness owns: tensors are copied off the device (a
-    compiled or graph-captured model may reuse its output buffer in the next call); arrays pass."""
+    """A method's output as a host array that only the harness holds: it is scored in the background
+    while the method computes the next query, so nothing the method does next may change it. Tensors
+    are copied off the device or cloned (a compiled or graph-captured model may reuse its output
+    buffer); an array is copied unless it is a fresh one that nothing else refers to — a view, or an
+    array the method keeps (a buffer it fills again for the next query), is copied. Called as
+    ``host_array(pred)`` on the variable that holds the output."""
     if hasattr(pred, "detach") and hasattr(pred, "cpu"):
         t = pred.detach().float()
         return (t.cpu() if t.device.type != "cpu" else t.clone()).numpy()
+    if isinstance(pred, np.ndarray) and (pred.base is not None or sys.getrefcount(pred) > _CALLER_ONLY):
+        return pred.copy()
     return pred
 
 

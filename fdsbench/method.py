@@ -6,7 +6,8 @@ A method is a class registered with :func:`fdsbench.registry.register_method`. T
 * ``prepare(support) -> state`` once per episode — all work that depends only on the support set
   (encoding, support memory, prototypes; per-episode fine-tuning). Timed separately from queries;
 * ``predict(state, query) -> probability map`` once per query — float in [0, 1] at the query's
-  ORIGINAL size [H, W]. No thresholding: the meters binarise (default 0.5) and rank scores.
+  ORIGINAL size [H, W]. No thresholding: the meters binarise (default 0.5) and rank scores. The
+  output is scored while the next query is predicted: one the method keeps is copied first.
 
 Everything a method needs is declared in ``requires`` (training, normal pool, weights, FAD), its
 paper defaults live in ``Config`` and its named presets (``paper``, ``cpu``, ``test``) in

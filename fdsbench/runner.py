@@ -475,7 +475,7 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
         pred, value_range = validate_prediction(pred, query, method.name)
         if gt is None:  # predict-only query: the map is kept, nothing scored
             return pred
-        return meters.measure(pred, gt, query.id, value_range, split=spec.workers < 2)
+        return meters.measure(pred, gt, query.id, value_range, split=spec.workers < 2, keep=True)  # host_array's own
 
     def score(out, query: Query, gt, ep: Episode) -> None:
         measured = out.result() if isinstance(out, Future) else measure(out, query, gt)

@@ -12,7 +12,7 @@ from PIL import Image
 from fdsbench.cli import main
 from fdsbench.errors import FdsError
 from fdsbench.io import read_image
-from fdsbench.loading import DecodedCache, EpisodeLoader, OrderedWorker, _read_npy, decode_image
+from fdsbench.loading import DecodedCache, EpisodeLoader, OrderedWorker, _read_npy, decode_image, host_array
 from fdsbench.method import Method
 from fdsbench.registry import register_method
 import fdsbench.runner as runner_module
@@ -197,6 +197,48 @@ def test_same_record_for_any_worker_count_and_after_resume(synthetic, tmp_path, 
     resumed = run(_spec(tmp_path / "resumed", workers=2), log=lambda m: None)[0]
     assert STOP["calls"] < 6  # finished episodes were not redone
     assert resumed["metrics"] == recs[0]["metrics"]
+
+
+@register_method("reusing_probe")
+class ReusingProbe(LoadingProbe):
+    """The probe's maps, returned in one buffer that the method keeps, fills again for the next query
+    and starts overwriting at once (``view``: the buffer is [1, H, W] and a view of it is returned)."""
+    view = False
+
+    def predict(self, state, query):
+        buf = getattr(self, "buf", None)
+        if buf is not None:
+            buf[:] = 0.5
+            time.sleep(0.002)  # the scorer may read the previous output meanwhile
+        out = super().predict(state, query)
+        shape = (1, *out.shape) if self.view else out.shape
+        if buf is None or buf.shape != shape:
+            self.buf = buf = np.empty(shape, np.float32)
+        buf[...] = out
+        return buf[0] if self.view else buf
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_a_method_that_reuses_its_output_buffer_is_scored_on_what_it_returned(synthetic, tmp_path, monkeypatch, view):
+    """Outputs are scored in the background while the method computes the next query: an array the
+    method keeps (or a view of one) is copied when it is returned, a fresh one is not."""
+    STOP.update(at=None, calls=0)
+    ref = run(_spec(tmp_path / "ref", workers=0), log=lambda m: None)[0]["metrics"]
+    monkeypatch.setattr(ReusingProbe, "view", view)
+    for w in (0, 2):
+        got = run(_spec(tmp_path / f"reuse{w}", method="reusing_probe", workers=w), log=lambda m: None)[0]["metrics"]
+        assert got == ref
+
+
+def test_host_array_copies_what_the_method_still_refers_to():
+    kept = np.zeros((4, 5), np.float32)
+    pred = kept
+    assert host_array(pred) is not kept and np.array_equal(host_array(pred), kept)  # the method keeps it
+    pred = kept[1:]
+    assert not np.shares_memory(host_array(pred), kept)  # a view of a kept array
+    del kept
+    pred = np.ones((4, 5), np.float32)
+    assert host_array(pred) is pred  # a fresh array only the caller holds: handed over as it is
 
 
 @pytest.mark.parametrize("split_pixels", [None, 1])

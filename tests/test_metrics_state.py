@@ -64,7 +64,8 @@ def test_measured_on_threads_and_added_in_order_equals_update(mode):
     ref = run(qs, **kw)
     m = MeterSet(**kw)
     with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(m.measure, p, g, q, None, False) for p, g, c, e, q in qs]
+        futures = [pool.submit(m.measure, p, g, q, None, False, keep) for (p, g, c, e, q), keep in
+                   zip(qs, [True, False] * len(qs))]
         assert len(m) == 0  # measuring changes nothing
         for f, (p, g, c, e, q) in zip(futures, qs):
             m.add(f.result(), class_key=c, episode=e, query_id=q)
@@ -74,6 +75,13 @@ def test_measured_on_threads_and_added_in_order_equals_update(mode):
     p, g, c, e, q = qs[0]
     with pytest.raises(FdsError, match="scored twice"):
         m.add(m.measure(p, g, q), class_key=c, episode=e, query_id=q)
+
+
+def test_exact_mode_keeps_a_handed_over_map_and_copies_any_other():
+    p, g, c, e, q = queries(1)[0]
+    m = MeterSet()
+    assert np.shares_memory(m.measure(p, g, q, keep=True).pixels[0], p)
+    assert not np.shares_memory(m.measure(p, g, q).pixels[0], p)  # the caller may change it later
 
 
 def test_state_dict_is_plain_and_round_trips():

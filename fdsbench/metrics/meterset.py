@@ -230,10 +230,11 @@ class MeterSet:
                            f"each (episode, query) may be updated once")
 
     def measure(self, prob, gt, query_id: str, value_range: tuple[float, float] | None = None,
-                split: bool = True) -> "Measured":
+                split: bool = True, keep: bool = False) -> "Measured":
         """What :meth:`update` takes from one map, without changing the meters: safe to call on
         several threads at once (the runner measures queries in parallel and adds them in order).
-        ``split``: score a large map in two halves on two threads."""
+        ``split``: score a large map in two halves on two threads. ``keep``: the caller hands the
+        map over (nobody changes it afterwards), so exact mode keeps it instead of a copy."""
         qid = str(query_id)
         p = _to_numpy(prob, "prob", qid)
         g = _to_numpy(gt, "gt", qid)
@@ -271,7 +272,8 @@ class MeterSet:
         flat = p.ravel()
         # float32 maps are stored as float32, anything wider as float64: no two scores that differ in
         # the input are tied in storage, so exact mode is exact (error bound 0)
-        scores = np.empty_like(flat) if mode == "exact" else None
+        kept = keep and mode == "exact"
+        scores = flat if kept else np.empty_like(flat) if mode == "exact" else None
 
         def part(a: int, b: int):
             """Pixels a..b-1: (predicted positive, true positive) counts, and the binned histogram
@@ -283,7 +285,7 @@ class MeterSet:
             counts = int(np.count_nonzero(above)), int(np.count_nonzero(above[local]))
             if mode == "binned":  # bins live in [0, 1]
                 return counts, BinnedScores.histogram(_sigmoid(seg) if logits else seg, local, self.config["bins"])
-            if mode == "exact":
+            if mode == "exact" and not kept:
                 scores[a:b] = seg
             return counts, None
 
