@@ -305,6 +305,8 @@ def test_sorted_negatives_give_the_numbers_of_the_negatives_themselves(dtype, le
         w = rng.random(pos.size) + 0.1
         view = SortedNegatives(np.sort(s), pos)
         assert view.size == int((~y).sum())
+        for k in {1, view.size // 2 + 1, view.size} - {0}:  # bisection over all scores minus the positives
+            assert view.kth_largest(k) == np.sort(s[~y])[-k]
         assert auroc_exact(pos, view) == auroc_exact(pos, s[~y])
         assert f1max_exact(pos, view) == f1max_exact(pos, s[~y])
         for limit in (0.05, 0.3, 1.0):

@@ -88,27 +88,19 @@ class SortedNegatives:
         n = self.scores.searchsorted(v, side)
         return n - self.removed.searchsorted(v, side) if self.removed.size else n
 
-    def top_levels(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The distinct values of the ``k`` largest negatives (ascending) and the number of
-        negatives >= each."""
-        # the k largest negatives lie among the k + |removed| largest scores
-        start = self.scores.size - min(self.scores.size, k + self.removed.size)
-        window = self.scores[start:]
-        first = np.empty(window.size, bool)
-        first[0] = True
-        np.not_equal(window[1:], window[:-1], out=first[1:])
-        fidx = np.flatnonzero(first)
-        del first
-        levels = window[fidx]
-        ge = window.size - fidx  # scores >= each level (the lowest may have equals below the window)
-        ge[0] = self.scores.size - int(self.scores.searchsorted(levels[0], "left"))
-        if self.removed.size:  # removed scores >= level i: those whose count of levels <= them is > i
-            above = np.bincount(levels.searchsorted(self.removed, "right"), minlength=levels.size + 1)
-            ge -= self.removed.size - np.cumsum(above)[:-1]
-            is_neg = ge > np.append(ge[1:], 0)  # levels held by a negative, not only by removed scores
-            levels, ge = levels[is_neg], ge[is_neg]
-        lowest = int(np.flatnonzero(ge >= k)[-1])  # the level of the k-th largest negative
-        return levels[lowest:], ge[lowest:]
+    def kth_largest(self, k: int):
+        """The ``k``-th largest negative (1 <= k <= size), by bisection over the sorted scores: the
+        largest score with at least ``k`` negatives >= it is itself a negative."""
+        if not self.removed.size:
+            return self.scores[self.scores.size - k]
+        lo, hi = 0, self.scores.size - 1  # invariant: >= k negatives are >= scores[lo]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.size - int(self.searchsorted(self.scores[mid], "left")) >= k:
+                lo = mid
+            else:
+                hi = mid - 1
+        return self.scores[lo]
 
 
 def auroc_exact(pos: np.ndarray, neg) -> float | None:
@@ -147,7 +139,14 @@ def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg, n_regions: int,
 
     ``pos``: scores of the ground-truth pixels, in a canonical order; ``pos_weight``: 1/|r| of the
     region each belongs to; ``n_regions``: R. The curve (FPR, PRO) is piecewise linear between the
-    points of consecutive distinct thresholds, starting at (0, 0)."""
+    points of consecutive distinct thresholds, starting at (0, 0).
+
+    Stepping down through the thresholds, PRO rises at constant FPR where only positives lie (no
+    area), and at a level l held by n_l negatives FPR rises by n_l / N while PRO goes from W(> l) to
+    W(>= l), W being the PRO weight of the positives above: a trapezoid of n_l / N (W(> l) + W(>= l)) / 2.
+    Summed over the negatives x above the level l* whose segment crosses the limit and swapped into a
+    sum over the positives p, sum_x W(>= x) = sum_p w_p #{x : l* < x <= p} (and likewise with <):
+    one search per positive in the sorted negatives, whatever the number of distinct levels."""
     ns = SortedNegatives.of(neg)
     N = ns.size
     if n_regions == 0 or N == 0:
@@ -155,25 +154,23 @@ def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg, n_regions: int,
     if not 0 < fpr_limit <= 1:
         raise ValueError("fpr_limit must be in (0, 1]")
     dt = np.result_type(ns.dtype, pos.dtype)
-    # Distinct negative levels. Only those with FPR <= limit and the first one past it matter:
-    # they all lie among the k_max largest negatives.
-    k_max = min(N, int(np.floor(fpr_limit * N)) + 1)
-    lev_asc, ge_asc = ns.top_levels(k_max)
-    lev_asc = lev_asc.astype(dt, copy=False)
-    L = lev_asc.size
-    fpr_after = ge_asc[::-1] / N  # levels descending
-    fpr_before = np.concatenate(([0.0], fpr_after[:-1]))
-    # PRO at each level (descending index i): sum of weights of positives >= (or >) level i.
-    # A positive p is >= level i iff i >= #levels > p; bin positives by that index, then cumsum.
     p = pos.astype(dt, copy=False)
     w = pos_weight.astype(np.float64, copy=False)
-    i_ge = L - np.searchsorted(lev_asc, p, side="right")  # #levels > p
-    i_gt = L - np.searchsorted(lev_asc, p, side="left")   # #levels >= p
-    pro_after = np.cumsum(np.bincount(i_ge, weights=w, minlength=L + 1)[:L]) / n_regions
-    pro_before = np.cumsum(np.bincount(i_gt, weights=w, minlength=L + 1)[:L]) / n_regions
-    np.minimum(pro_after, 1.0, out=pro_after)  # sum of 1/|r| over a region may round up 1 ulp
-    np.minimum(pro_before, 1.0, out=pro_before)
-    area, _ = _integrate(fpr_before, fpr_after, pro_before, pro_after, fpr_limit)
+    # l*: the k-th largest negative, k = floor(limit N) + 1 (the first level past FPR = limit)
+    top = ns.kth_largest(min(N, int(np.floor(fpr_limit * N)) + 1))
+    below, not_above = int(ns.searchsorted(top, "left")), int(ns.searchsorted(top, "right"))
+    le = np.maximum(ns.searchsorted(p, "right") - not_above, 0)  # negatives in (l*, p]
+    lt = np.maximum(ns.searchsorted(p, "left") - not_above, 0)   # negatives in (l*, p)
+    area = (float(np.dot(w, le)) + float(np.dot(w, lt))) / (2.0 * N * n_regions)
+    # the segment of l* itself, up to the limit (linear interpolation inside it)
+    fb, fa = (N - not_above) / N, (N - below) / N
+    pb = min(1.0, float(w[p > top].sum()) / n_regions)
+    pa = min(1.0, float(w[p >= top].sum()) / n_regions)
+    if fa <= fpr_limit:
+        area += (fa - fb) * (pb + pa) / 2.0
+    elif fb < fpr_limit:
+        p_lim = pb + (fpr_limit - fb) / (fa - fb) * (pa - pb)
+        area += (fpr_limit - fb) * (pb + p_lim) / 2.0
     return min(1.0, area / fpr_limit)
 
 
