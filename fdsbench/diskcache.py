@@ -2,12 +2,11 @@
 
 One file per key (``<dir>/<key[0]>/<key><suffix>``: 16 folders, made once, not one for nearly every
 entry of a new cache; entries of other folders are counted and aged out alike), written atomically
-without fsync: an entry
-cut short by a crash fails to load and is recomputed. When the directory is full, the oldest
-entries (by last use) that this process has not used are removed; when none can be, new entries
-are not written for the rest of the session (methods run one after another in separate processes
-keep reusing the first entries instead of evicting what the next one needs). A full or read-only
-disk costs hits, never a run. The frozen-feature cache and the decoded-image cache store here.
+without fsync: an entry cut short by a crash fails to load and is recomputed. When the directory is
+full, the oldest entries (by last use) that this process has not used are removed; when none can
+be, new entries are not written for the rest of the session (methods run one after another in
+separate processes keep reusing the first entries instead of evicting what the next one needs). A
+full or read-only disk costs hits, never a run. The frozen-feature cache and the decoded-image cache store here.
 """
 from __future__ import annotations
 
@@ -63,9 +62,9 @@ class BoundedDir:
         return f
 
     def write(self, key: str, data: Buffer | list[Buffer] | tuple[Buffer, ...]) -> bool:
-        """Store ``data`` (bytes-like, or a list or tuple of them written one after the other) under ``key`` if it fits
-        (after evicting old entries); False if it was not written. The room is taken under the lock,
-        the file is written outside it: several threads write at once."""
+        """Store ``data`` (bytes-like, or a list or tuple of them written one after the other) under
+        ``key`` if it fits (after evicting old entries); False if it was not written. The room is
+        taken under the lock, the file is written outside it: several threads write at once."""
         parts = data if isinstance(data, (list, tuple)) else (data,)
         n = sum(memoryview(p).nbytes for p in parts)
         with self._lock:
