@@ -57,6 +57,9 @@ def format_run_table(records: list[dict]) -> str:
     note = f"\n{RANDOM_MARK} random-init weights: numbers are not the paper's." if any(map(is_random, records)) else ""
     if any(r.get("complete") is False for r in records):
         note += f"\n{INCOMPLETE_MARK} incomplete run (--max-episodes): not a result, kept out of leaderboards."
+    if any(pd.isna(run_row(r)["fps"]) and (r.get("timing") or {}).get("fps") for r in records):
+        note += ("\nFPS – : the run read frozen features from the cache (its predict times include hits); "
+                 "`make fps METHOD=...` measures the method's speed.")
     return to_markdown(df) + note
 
 

@@ -84,3 +84,5 @@ def test_runs_that_read_cached_features_show_no_speed():
     assert list(table["FPS"]) == ["10.00", "–"]
     bench = format_run_table([plain, cached]).splitlines()
     assert bench[2].split("|")[-3].strip() == "10.00" and bench[3].split("|")[-3].strip() == "–"
+    assert "read frozen features from the cache" in bench[-1]  # the table says why
+    assert "frozen features" not in format_run_table([plain])
