@@ -142,11 +142,12 @@ def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg, n_regions: int,
     points of consecutive distinct thresholds, starting at (0, 0).
 
     Stepping down through the thresholds, PRO rises at constant FPR where only positives lie (no
-    area), and at a level l held by n_l negatives FPR rises by n_l / N while PRO goes from W(> l) to
-    W(>= l), W being the PRO weight of the positives above: a trapezoid of n_l / N (W(> l) + W(>= l)) / 2.
-    Summed over the negatives x above the level l* whose segment crosses the limit and swapped into a
-    sum over the positives p, sum_x W(>= x) = sum_p w_p #{x : l* < x <= p} (and likewise with <):
-    one search per positive in the sorted negatives, whatever the number of distinct levels."""
+    area), and at a level l held by n_l negatives FPR rises by n_l / N while PRO goes from W(> l)
+    to W(>= l), W being the PRO weight of the positives above: a trapezoid of
+    n_l / N (W(> l) + W(>= l)) / 2. Summed over the negatives x above the level l* whose segment
+    crosses the limit and swapped into a sum over the positives p,
+    sum_x W(>= x) = sum_p w_p #{x : l* < x <= p} (and likewise with <): one search per positive in
+    the sorted negatives, whatever the number of distinct levels."""
     ns = SortedNegatives.of(neg)
     N = ns.size
     if n_regions == 0 or N == 0:
