@@ -363,9 +363,17 @@ def _ordered(pool: ThreadPoolExecutor, fn, items: list, depth: int) -> Iterator:
         yield result
 
 
-#: references to an array that only the caller of :func:`host_array` holds: the caller's variable,
-#: the parameter, and ``sys.getrefcount``'s own argument
-_CALLER_ONLY = 3
+def _references_seen_by_a_callee() -> int:
+    """``sys.getrefcount`` of an array that only its caller's variable holds, seen from inside the
+    called function (3 on CPython 3.11: the variable, the parameter, getrefcount's argument):
+    measured, not assumed, since interpreters differ in how they pass arguments."""
+    def callee(a):
+        return sys.getrefcount(a)
+    fresh = np.empty(0)
+    return callee(fresh)
+
+
+_CALLER_ONLY = _references_seen_by_a_callee()
 
 
 def host_array(pred):

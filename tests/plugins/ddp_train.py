@@ -41,6 +41,7 @@ def main(out: str, workdir: str, batch: int = 4) -> None:
             json.dump({"world": loop.world, "losses": [v for h in history for v in h["losses"]],
                        "state": {k: v.tolist() for k, v in model.state_dict().items()}}, f)
     if loop.world > 1:
+        torch.distributed.barrier()  # no rank tears gloo down while another still exchanges with it
         torch.distributed.destroy_process_group()
 
 
