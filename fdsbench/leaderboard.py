@@ -38,9 +38,10 @@ def format_run_table(records: list[dict]) -> str:
     """The table ``fdsbench bench`` prints: one row per run."""
     cols = ["run", "episodes", "mIoU", "FB-IoU", "ep-mIoU", "img IoU", "img Dice", "img AUROC", "pix AUROC",
             "F1-max", "AUPRO", "FPS", "prepare ms"]
-    rows = []
+    rows, withheld = [], False
     for r in records:
         m, speed = r["metrics"], run_row(r)  # no times where the run read cached features
+        withheld |= bool(pd.isna(speed["fps"]) and (r.get("timing") or {}).get("fps"))
 
         def pct(key):
             v = m.get(key)
@@ -57,7 +58,7 @@ def format_run_table(records: list[dict]) -> str:
     note = f"\n{RANDOM_MARK} random-init weights: numbers are not the paper's." if any(map(is_random, records)) else ""
     if any(r.get("complete") is False for r in records):
         note += f"\n{INCOMPLETE_MARK} incomplete run (--max-episodes): not a result, kept out of leaderboards."
-    if any(pd.isna(run_row(r)["fps"]) and (r.get("timing") or {}).get("fps") for r in records):
+    if withheld:
         note += ("\nFPS – : the run read frozen features from the cache (its predict times include hits); "
                  "`make fps METHOD=...` measures the method's speed.")
     return to_markdown(df) + note

@@ -380,8 +380,9 @@ def host_array(pred):
     """A method's output as a host array that only the harness holds: it is scored in the background
     while the method computes the next query, so nothing the method does next may change it. Tensors
     are copied off the device or cloned (a compiled or graph-captured model may reuse its output
-    buffer); an array is copied unless it is a fresh one that nothing else refers to — a view, or an
-    array the method keeps (a buffer it fills again for the next query), is copied. Called as
+    buffer); an array is copied unless it is a fresh one that nothing else refers to — a view (a
+    tensor's ``.numpy()`` too), or an array the method keeps (a buffer it fills again for the next
+    query), is copied. Called as
     ``host_array(pred)`` on the variable that holds the output."""
     if hasattr(pred, "detach") and hasattr(pred, "cpu"):
         t = pred.detach().float()
