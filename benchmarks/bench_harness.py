@@ -1,7 +1,7 @@
 """Harness cost of a benchmark run: the pipeline of the baseline commit ("today") beside the working
 tree's ("new"), in one run of this script.
 
-    python benchmarks/bench_harness.py [--baseline 5f10865] [--runs 3] [--ckpt-episodes 30]
+    python benchmarks/bench_harness.py [--baseline 5f10865] [--runs 3] [--repeats 3] [--ckpt-episodes 30]
 
 (a) overhead ratio = run wall time / sum of predict time - 1, for a method whose predict costs a fixed
     20 ms without using the CPU (a sleep, like a GPU method waiting for its kernels) — goal <= 0.05;
@@ -20,7 +20,10 @@ one filled).
 Run wall time = the run records' ``wall_s`` (evaluation + final metrics + record), summed over runs;
 sum of predict time = the predict calls made inside each run's wall-clock window. Each is printed over
 all runs, for run 1 (every image decoded for the first time) and for runs 2+ (the new pipeline finds
-them in its decoded-image cache; today's decodes them again). The load of the machine (1-minute load average, usable cores) is printed with the results.
+them in its decoded-image cache; today's decodes them again). Every row of (a) and (b) is measured
+``--repeats`` times, the rows taking turns, and printed as the median with the range: a single
+measurement of a few hundred milliseconds moves with the machine (page faults of fresh memory, other
+load). The load of the machine (1-minute load average, usable cores) is printed with the results.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
 SLEEP_S = 0.020
@@ -177,6 +181,8 @@ def main() -> None:
     ap.add_argument("--baseline", default="5f10865", help="commit of today's pipeline")
     ap.add_argument("--runs", type=int, default=3, help="seeds (manifests of 56 queries each) per measurement")
     ap.add_argument("--ckpt-episodes", type=int, default=30, help="N of (c)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="measurements of (a) and (b) per row, interleaved; the median is printed with the range")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--kind", help=argparse.SUPPRESS)
     ap.add_argument("--pipeline", help=argparse.SUPPRESS)
@@ -204,14 +210,16 @@ def main() -> None:
                     ("new (binned) later", "new", '{"score_mode": "binned"}', "warm")]
         results: dict = {}
         t_start = time.time()
-        for method, size in (("harness_sleep", 256), ("harness_instant", 256), ("harness_instant", 1024)):
-            for label, pipeline, extra, disk in variants:
-                wd = tmp / f"w-{len(results)}"
-                filled = tmp / f"decoded-{method}-{size}"  # filled by "new (exact)", read by the later rows
-                decoded = filled if disk == "warm" or label == "new (exact)" else tmp / f"decoded-{len(results)}"
-                results[(label, method, size)] = call(pipeline, roots[pipeline], [
-                    "--kind", "run", "--method", method, "--size", str(size), "--workdir", str(wd),
-                    "--plugin-dir", str(tmp / "plugin"), "--runs", str(args.runs), "--extra", extra], decoded)
+        for rep in range(args.repeats):
+            for method, size in (("harness_sleep", 256), ("harness_instant", 256), ("harness_instant", 1024)):
+                for label, pipeline, extra, disk in variants:
+                    n = sum(map(len, results.values()))
+                    wd = tmp / f"w-{n}"
+                    filled = tmp / f"decoded-{method}-{size}-{rep}"  # filled by "new (exact)", read by the later rows
+                    decoded = filled if disk == "warm" or label == "new (exact)" else tmp / f"decoded-{n}"
+                    results.setdefault((label, method, size), []).append(call(pipeline, roots[pipeline], [
+                        "--kind", "run", "--method", method, "--size", str(size), "--workdir", str(wd),
+                        "--plugin-dir", str(tmp / "plugin"), "--runs", str(args.runs), "--extra", extra], decoded))
         ckpt = {}
         for pipeline, scores in (("today", "exact"), ("new", "exact"), ("new", "binned")):
             for n in (args.ckpt_episodes, 10 * args.ckpt_episodes):
@@ -225,28 +233,33 @@ def main() -> None:
           f"(1 min) {load0:.2f} at start, {load1:.2f} at end; {elapsed:.0f} s")
     parts = (("all runs", slice(None)), ("run 1", slice(0, 1)), ("runs 2+", slice(1, None)))
 
-    def total(pipe, method, size, part):
-        rs = results[(pipe, method, size)]["runs"][part]
-        return {k: sum(r[k] for r in rs) for k in ("wall_s", "predict_s", "queries")}
+    def totals(pipe, method, size, part):
+        """Per repeat: wall, predict time and queries summed over the runs of ``part``."""
+        return [{k: sum(r[k] for r in m["runs"][part]) for k in ("wall_s", "predict_s", "queries")}
+                for m in results[(pipe, method, size)]]
 
     print(f"\n(a) overhead ratio, predict = sleep {1000 * SLEEP_S:.0f} ms, 256 px, {args.runs} runs (goal <= 0.05); "
           f"run 1 decodes every image for the first time, runs 2+ find them in the decoded-image cache; "
-          f"'later': a later process, its run 1 reads the decoded images from the disk cache")
+          f"'later': a later process, its run 1 reads the decoded images from the disk cache; "
+          f"median of {args.repeats} measurements [range]")
     labels = [v[0] for v in variants]
     for pipe in labels:
         for label, part in parts:
-            r = total(pipe, "harness_sleep", 256, part)
-            print(f"  {pipe:18s} {label:8s} wall {r['wall_s']:7.2f} s  sum(predict) {r['predict_s']:6.2f} s  "
-                  f"queries {r['queries']:4d}  overhead ratio {r['wall_s'] / r['predict_s'] - 1:6.3f}")
-    print("\n(b) queries/s with an instant method (goal >= 10x today)")
+            rs = totals(pipe, "harness_sleep", 256, part)
+            ratio = [r["wall_s"] / r["predict_s"] - 1 for r in rs]
+            print(f"  {pipe:18s} {label:8s} wall {median(r['wall_s'] for r in rs):7.2f} s  sum(predict) "
+                  f"{median(r['predict_s'] for r in rs):6.2f} s  queries {rs[0]['queries']:4d}  overhead ratio "
+                  f"{median(ratio):6.3f} [{min(ratio):.3f}-{max(ratio):.3f}]")
+    print(f"\n(b) queries/s with an instant method (goal >= 10x today); median of {args.repeats} measurements, "
+          f"ratio to today's median [range over the measurements]")
     for size in (256, 1024):
         for label, part in parts:
             base = None
             for pipe in labels:
-                r = total(pipe, "harness_instant", size, part)
-                qps = r["queries"] / r["wall_s"]
-                base = base or qps
-                print(f"  {size:4d} px {label:8s} {pipe:18s} {qps:8.1f} queries/s  ({qps / base:5.1f}x today)")
+                qps = [r["queries"] / r["wall_s"] for r in totals(pipe, "harness_instant", size, part)]
+                base = base or median(qps)
+                print(f"  {size:4d} px {label:8s} {pipe:18s} {median(qps):8.1f} queries/s  ({median(qps) / base:5.1f}x "
+                      f"today) [{min(qps) / base:.1f}-{max(qps) / base:.1f}x]")
     print(f"\n(c) one periodic save (5 new episodes of 256x256) after N and 10 N episodes")
     for pipeline, scores in (("today", "exact"), ("new", "exact"), ("new", "binned")):
         a, b = ckpt[(pipeline, scores, args.ckpt_episodes)], ckpt[(pipeline, scores, 10 * args.ckpt_episodes)]

@@ -310,6 +310,17 @@ class EpisodeLoader:
         rec = self.ds.record(image_id)
         return ep.defect_class == "*" or ep.defect_class in rec.masks or rec.split != "query"
 
+    def scored_pixels(self, episodes: Iterable[Episode]) -> int:
+        """Pixels of the scored queries of ``episodes``, as far as their size is known before
+        decoding (the protocol's size, else the size the dataset scan recorded)."""
+        total = 0
+        for ep in episodes:
+            for qid in ep.queries:
+                size = self.size or self.ds.record(qid).size
+                if size is not None and self.scored(qid, ep):
+                    total += size[0] * size[1]
+        return total
+
     # ---- prefetching -------------------------------------------------------------------------
     def iterate(self, episodes: Iterable[Episode], workers: int = 0, lookahead: int | None = None
                 ) -> Iterator[tuple[Episode, SupportSet, Iterator[tuple[Query, np.ndarray | None]]]]:

@@ -43,6 +43,7 @@ from .loading import DEFAULT_CACHE_MB, EpisodeLoader, OrderedWorker, host_array,
 from .method import Method
 from .metrics import MeterSet
 from .metrics.meterset import SPLIT_PIXELS, state_from_arrays, state_to_arrays
+from .metrics.scores import ScoreBuffer
 from .timing import ShapeWarmup, accelerate, autocast
 from .datasets_cli import open_dataset
 from .registry import get_dataset, get_method, load_plugin
@@ -463,6 +464,7 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
         if done:
             log(f"resuming {rid}: {len(done)} episodes already done")
     todo = [e for e in episodes if e.index not in done]
+    meters.reserve(loader.scored_pixels(todo))
     bar = _progress(total=sum(len(e.queries) for e in episodes), desc=f"{method.name} {ds.name} f{spec.fold}",
                     enabled=spec.progress and rank == 0,
                     initial=sum(len(e.queries) for e in episodes if e.index in done))
@@ -475,7 +477,7 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
         pred, value_range = validate_prediction(pred, query, method.name)
         if gt is None:  # predict-only query: the map is kept, nothing scored
             return pred
-        return meters.measure(pred, gt, query.id, value_range, split=spec.workers < 2, keep=True)  # host_array's own
+        return meters.measure(pred, gt, query.id, value_range, split=spec.workers < 2)  # host_array's own
 
     def score(out, query: Query, gt, ep: Episode) -> None:
         measured = out.result() if isinstance(out, Future) else measure(out, query, gt)
@@ -676,8 +678,9 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
     seed_everything(derive_seed(method.name, "build"))  # a method that builds lazily (weights provenance)
     identity = run_identity(spec, method, trained_on, proto)  # inits the same way in every run
     try:
-        return [_run_seed(spec, method, ds, proto, spec.seed + i, identity, (ckpt, trained_on), speed, log)
-                for i in range(spec.runs)]
+        with ScoreBuffer.reusing():  # each run's exact scores in the memory of the run before
+            return [_run_seed(spec, method, ds, proto, spec.seed + i, identity, (ckpt, trained_on), speed, log)
+                    for i in range(spec.runs)]
     finally:
         disable_shared()  # a timing-only measurement later in this process must not read cached features
 
@@ -707,7 +710,7 @@ def _run_seed(spec: BenchSpec, method: Method, ds: DatasetAdapter, proto: dict, 
         barrier()  # rank 0 writes the record
         shutil.rmtree(partial_dir(spec.workdir, rid, rank, size), ignore_errors=True)
         return read_json(path, "run record")
-    metrics, timing = report_metrics(meters.compute(), proto, manifest), timer.compute()
+    metrics, timing = report_metrics(meters.compute(consume=True), proto, manifest), timer.compute()
     record = {
         "run_id": rid, "created": started, "wall_s": time.time() - started,
         **method.describe(), "method_label": method.label(), "preset": spec.preset or type(method).default_preset,

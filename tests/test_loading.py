@@ -16,6 +16,7 @@ from fdsbench.loading import DecodedCache, EpisodeLoader, OrderedWorker, _read_n
 from fdsbench.method import Method
 from fdsbench.registry import register_method
 import fdsbench.runner as runner_module
+from fdsbench.metrics.scores import ScoreBuffer
 from fdsbench.runner import BenchSpec, run
 from fdsbench.types import Requirements
 
@@ -197,6 +198,27 @@ def test_same_record_for_any_worker_count_and_after_resume(synthetic, tmp_path, 
     resumed = run(_spec(tmp_path / "resumed", workers=2), log=lambda m: None)[0]
     assert STOP["calls"] < 6  # finished episodes were not redone
     assert resumed["metrics"] == recs[0]["metrics"]
+
+
+def test_runs_that_reuse_the_score_memory_of_the_run_before_equal_runs_alone(synthetic, tmp_path, monkeypatch):
+    """Each run's exact scores fill one buffer sized ahead (the query sizes are known before
+    decoding), in the memory of the run before."""
+    STOP.update(at=None, calls=0)
+    sizes, memory = [], []
+    resize = ScoreBuffer._resize
+
+    def sized(self, n):
+        resize(self, n)
+        sizes.append(n)
+        memory.append(self.data.__array_interface__["data"][0])
+    monkeypatch.setattr(ScoreBuffer, "_resize", sized)
+    resized = {"resize": [192, 256], "crops": False}
+    together = run(_spec(tmp_path / "together", runs=3, workers=2, protocol_options=resized), log=lambda m: None)
+    assert sizes == [6 * 192 * 256] * 3 == [r["metrics"]["n_pixels"] for r in together]  # never regrown
+    assert len(set(memory)) == 1  # runs 2 and 3 in the memory of run 1
+    for i, rec in enumerate(together):
+        alone = run(_spec(tmp_path / f"alone{i}", seed=i, workers=2, protocol_options=resized), log=lambda m: None)[0]
+        assert rec["metrics"] == alone["metrics"] and rec["metrics"]["n_queries"] == 6
 
 
 @register_method("reusing_probe")

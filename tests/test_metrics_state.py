@@ -8,6 +8,7 @@ import pytest
 from fdsbench.errors import FdsError
 from fdsbench.metrics import MeterSet
 from fdsbench.metrics.meterset import state_to_arrays
+from fdsbench.metrics.scores import ScoreBuffer
 
 
 def queries(seed=0, n=18):
@@ -64,8 +65,7 @@ def test_measured_on_threads_and_added_in_order_equals_update(mode):
     ref = run(qs, **kw)
     m = MeterSet(**kw)
     with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(m.measure, p, g, q, None, False, keep) for (p, g, c, e, q), keep in
-                   zip(qs, [True, False] * len(qs))]
+        futures = [pool.submit(m.measure, p, g, q, None, False) for p, g, c, e, q in qs]
         assert len(m) == 0  # measuring changes nothing
         for f, (p, g, c, e, q) in zip(futures, qs):
             m.add(f.result(), class_key=c, episode=e, query_id=q)
@@ -77,11 +77,53 @@ def test_measured_on_threads_and_added_in_order_equals_update(mode):
         m.add(m.measure(p, g, q), class_key=c, episode=e, query_id=q)
 
 
-def test_exact_mode_keeps_a_handed_over_map_and_copies_any_other():
-    p, g, c, e, q = queries(1)[0]
+def test_exact_mode_copies_a_map_when_it_is_added():
+    qs = queries(1, n=6)
+    ref = run(qs).compute()
     m = MeterSet()
-    assert np.shares_memory(m.measure(p, g, q, keep=True).pixels[0], p)
-    assert not np.shares_memory(m.measure(p, g, q).pixels[0], p)  # the caller may change it later
+    for p, g, c, e, q in qs:
+        p = p.copy()
+        measured = m.measure(p, g, q)
+        assert np.shares_memory(measured.pixels[0], p)  # measuring copies nothing
+        m.add(measured, class_key=c, episode=e, query_id=q)
+        p[:] = 0.0  # the caller reuses its buffer
+    assert m.compute() == ref
+
+
+@pytest.mark.parametrize("pcs", [False, True])
+def test_consuming_compute_gives_the_same_numbers_and_spends_the_meter(pcs):
+    qs = queries(3)
+    ref = run(qs, per_class_scores=pcs).compute()
+    m = run(qs, per_class_scores=pcs)
+    assert m.compute() == ref and m.compute() == ref  # a plain compute leaves the state as it was
+    assert m.compute(consume=True) == ref
+    p, g, c, e, q = queries(4, n=1)[0]
+    for call in (m.compute, m.state_dict, lambda: m.update(p, g, class_key=c, episode=99, query_id=q),
+                 lambda: MeterSet(per_class_scores=pcs).merge(m), lambda: m.reserve(10)):
+        with pytest.raises(FdsError, match="consume=True"):
+            call()
+
+
+def test_reserved_score_buffer_is_filled_without_regrowing_and_widens_for_float64():
+    qs = queries(5, n=8)
+    ref = run(qs).compute()
+    m = MeterSet()
+    m.reserve(sum(p.size for p, *_ in qs))
+    buffer = m._scores.data
+    for p, g, c, e, q in qs:
+        m.update(p, g, class_key=c, episode=e, query_id=q)
+    assert m._scores.data is buffer and m._scores.size == buffer.size
+    assert m.compute() == ref
+    # a float64 map widens every stored score losslessly: the same as storing each map as it came
+    wide = [(p.astype(np.float64) * (1 - 1e-12 if i % 2 else 1.0), *rest) for i, (p, *rest) in enumerate(qs)]
+    mixed = run([w if i % 3 == 1 else q for i, (w, q) in enumerate(zip(wide, qs))])
+    assert mixed._scores.dtype == np.float64
+    both = MeterSet()
+    for part in (run([w for i, w in enumerate(wide) if i % 3 == 1]), run([q for i, q in enumerate(qs) if i % 3 != 1])):
+        other = MeterSet()
+        other.load_state_dict(part.state_dict())
+        both.merge(other)
+    assert mixed.compute() == both.compute()
 
 
 def test_state_dict_is_plain_and_round_trips():
@@ -158,3 +200,30 @@ def test_large_maps_are_scored_in_a_forked_child():
 
 def _score_one(p, g):
     return run([(p, g, "a/x", 0, "q")]).compute()
+
+
+def test_score_memory_is_handed_on_only_inside_reusing():
+    def filled(n):
+        b = ScoreBuffer()
+        b.reserve(n)
+        b.append(np.linspace(0, 1, n, dtype=np.float32))
+        return b
+    first = filled(100)
+    memory = first.data
+    first.release()
+    assert not np.shares_memory(filled(50).data, memory)  # outside reusing: back to the system
+    with ScoreBuffer.reusing():
+        first = filled(100)
+        memory = first.data
+        first.release()
+        assert first.size == 0
+        wide = ScoreBuffer()
+        wide.append(np.zeros(1))  # float64 from now on
+        wide.reserve(50)
+        assert not np.shares_memory(wide.data, memory)  # another dtype: not taken
+        second = filled(80)
+        assert np.shares_memory(second.data, memory)
+        assert np.array_equal(second.stored(), np.linspace(0, 1, 80, dtype=np.float32))
+        assert not np.shares_memory(filled(80).data, memory)  # taken once, not twice
+        second.release()
+    assert ScoreBuffer._spare is None  # nothing is held after the block

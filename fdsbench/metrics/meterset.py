@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import FdsError
-from .scores import BinnedScores, SortedNegatives, aupro_exact, auroc_exact, f1max_exact
+from .scores import BinnedScores, ScoreBuffer, SortedNegatives, aupro_exact, auroc_exact, f1max_exact
 from .segmentation import AREA_EDGES, RATIO_EDGES, segmentation_metrics
 
 STATE_VERSION = 1
@@ -153,7 +153,8 @@ def _image_score_fn(spec: str):
 
 class Measured(NamedTuple):
     """One query as :meth:`MeterSet.measure` gives it: its row (confusion counts, image score,
-    region count) and its pixel scores (exact: the scores, positives and their region sizes;
+    region count) and its pixel scores (exact: the flattened map itself, the indices of its positives
+    and their region sizes;
     binned: the histogram, positives' bins, their regions and the region sizes)."""
     row: dict
     pixels: tuple | None
@@ -208,7 +209,11 @@ class MeterSet:
         }
         self._score_fn = _image_score_fn(image_score)
         self._rows: dict[tuple, dict] = {}
-        self._chunks: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # exact mode: every query's scores in one buffer; per key (start, size, positives' indices,
+        # their region sizes)
+        self._scores = ScoreBuffer()
+        self._chunks: dict[tuple, tuple[int, int, np.ndarray, np.ndarray]] = {}
+        self._spent = False
         self._binned = BinnedScores(bins) if score_mode == "binned" else None
         self._binned_pc: dict[str, BinnedScores] = {}  # per class, with per_class_scores
 
@@ -225,16 +230,17 @@ class MeterSet:
         return int(episode), str(query_id), str(class_key)
 
     def _check_new(self, key: tuple) -> None:
+        self._check_live()
         if key in self._rows:
             raise FdsError(f"query '{key[1]}' of episode {key[0]} ({key[2]}) was scored twice; "
                            f"each (episode, query) may be updated once")
 
     def measure(self, prob, gt, query_id: str, value_range: tuple[float, float] | None = None,
-                split: bool = True, keep: bool = False) -> "Measured":
+                split: bool = True) -> "Measured":
         """What :meth:`update` takes from one map, without changing the meters: safe to call on
         several threads at once (the runner measures queries in parallel and adds them in order).
-        ``split``: score a large map in two halves on two threads. ``keep``: the caller hands the
-        map over (nobody changes it afterwards), so exact mode keeps it instead of a copy."""
+        Exact mode refers to the map itself until :meth:`add` copies its scores: it must not
+        change in between. ``split``: score a large map in two halves on two threads."""
         qid = str(query_id)
         p = _to_numpy(prob, "prob", qid)
         g = _to_numpy(gt, "gt", qid)
@@ -272,12 +278,9 @@ class MeterSet:
         flat = p.ravel()
         # float32 maps are stored as float32, anything wider as float64: no two scores that differ in
         # the input are tied in storage, so exact mode is exact (error bound 0)
-        kept = keep and mode == "exact"
-        scores = flat if kept else np.empty_like(flat) if mode == "exact" else None
 
         def part(a: int, b: int):
-            """Pixels a..b-1: (predicted positive, true positive) counts, and the binned histogram
-            or the exact-mode copy of the scores."""
+            """Pixels a..b-1: (predicted positive, true positive) counts, and the binned histogram."""
             seg = flat[a:b]
             i0, i1 = np.searchsorted(pos_idx, (a, b))
             local = pos_idx[i0:i1] - a
@@ -285,8 +288,6 @@ class MeterSet:
             counts = int(np.count_nonzero(above)), int(np.count_nonzero(above[local]))
             if mode == "binned":  # bins live in [0, 1]
                 return counts, BinnedScores.histogram(_sigmoid(seg) if logits else seg, local, self.config["bins"])
-            if mode == "exact" and not kept:
-                scores[a:b] = seg
             return counts, None
 
         parts = _in_halves(part, flat.size) if split else [part(0, flat.size)]
@@ -299,7 +300,7 @@ class MeterSet:
         row = {"tp": tp, "fp": n_pred - tp, "fn": P - tp, "tn": g.size - n_pred - P + tp,
                "image_score": float(img_score), "n_regions": 0 if mode == "off" else int(sizes.size)}
         if mode == "exact":
-            return Measured(row, (scores, pos_idx.astype(np.int32), sizes[reg].astype(np.int32)))  # < 2**31 px
+            return Measured(row, (flat, pos_idx.astype(np.int32), sizes[reg].astype(np.int32)))  # < 2**31 px
         if mode == "binned":
             hist = sum(h for _, (h, _) in parts)
             return Measured(row, (hist, np.concatenate([pb for _, (_, pb) in parts]), reg, sizes))
@@ -310,12 +311,25 @@ class MeterSet:
         key = self._key(episode, query_id, class_key)
         self._check_new(key)
         if self.config["score_mode"] == "exact":
-            self._chunks[key] = m.pixels
+            scores, pos_idx, pos_size = m.pixels
+            self._chunks[key] = (self._scores.append(scores), scores.size, pos_idx, pos_size)
         elif self.config["score_mode"] == "binned":
             self._binned.add(*m.pixels)
             if self.config["per_class_scores"]:
                 self._binned_pc.setdefault(key[2], BinnedScores(self.config["bins"])).add(*m.pixels)
         self._rows[key] = m.row
+
+    def reserve(self, pixels: int) -> None:
+        """Exact mode: room for ``pixels`` more pixel scores, written later by :meth:`add` (the
+        buffer is then never regrown and copied; room that stays unused is never touched)."""
+        self._check_live()
+        if self.config["score_mode"] == "exact":
+            self._scores.reserve(int(pixels))
+
+    def _check_live(self) -> None:
+        if self._spent:
+            raise FdsError("this meter's scores were sorted in place by compute(consume=True); it cannot "
+                           "be updated, saved, merged or computed again")
 
     def prepare_gt(self, gt: np.ndarray) -> None:
         """Label the regions of a shared (read-only) ground-truth mask now, e.g. on a loading
@@ -344,17 +358,19 @@ class MeterSet:
         ``keys``: only these rows (and, in exact mode, their pixel chunks) — an increment for an
         append-only checkpoint; ``pixels=False`` leaves out the binned histograms (constant in
         size, saved whole apart). :func:`state_to_arrays` flattens it for a pickle-free ``.npz``."""
+        self._check_live()
         keys = self._sorted_keys() if keys is None else sorted(keys)
         rows = self._columns(keys)
         state = {"version": STATE_VERSION, "config": dict(self.config), "rows": rows, "pixels": None}
         if self.config["score_mode"] == "exact":
             ch = [self._chunks[k] for k in keys]
+            stored = self._scores.stored()
             state["pixels"] = {
-                "scores": np.concatenate([c[0] for c in ch]) if ch else np.zeros(0, np.float32),
-                "offsets": np.cumsum([0] + [c[0].size for c in ch]).astype(np.int64),
-                "pos_idx": np.concatenate([c[1] for c in ch]) if ch else np.zeros(0, np.int32),
-                "pos_region_size": np.concatenate([c[2] for c in ch]) if ch else np.zeros(0, np.int32),
-                "pos_offsets": np.cumsum([0] + [c[1].size for c in ch]).astype(np.int64),
+                "scores": np.concatenate([stored[a:a + n] for a, n, _, _ in ch]) if ch else np.zeros(0, np.float32),
+                "offsets": np.cumsum([0] + [n for _, n, _, _ in ch]).astype(np.int64),
+                "pos_idx": np.concatenate([c[2] for c in ch]) if ch else np.zeros(0, np.int32),
+                "pos_region_size": np.concatenate([c[3] for c in ch]) if ch else np.zeros(0, np.int32),
+                "pos_offsets": np.cumsum([0] + [c[2].size for c in ch]).astype(np.int64),
             }
         elif self.config["score_mode"] == "binned" and pixels:
             state["pixels"] = self._binned.state_dict()
@@ -386,12 +402,14 @@ class MeterSet:
             row["image_score"] = float(r["image_score"][i])
             rows[k] = row
         chunks = {}
+        buffer = ScoreBuffer()
         binned, binned_pc = None, {}
         if self.config["score_mode"] == "exact":
             _check_exact_pixels(px, r, self.config["logits"])
-            off, poff = px["offsets"], px["pos_offsets"]
+            off, poff = np.asarray(px["offsets"], np.int64).tolist(), px["pos_offsets"]
+            buffer.append(np.asarray(px["scores"]))  # float32, or float64 input kept
             for i, k in enumerate(keys):
-                chunks[k] = (np.array(px["scores"][off[i]:off[i + 1]]),  # float32, or float64 input kept
+                chunks[k] = (off[i], off[i + 1] - off[i],
                              np.asarray(px["pos_idx"][poff[i]:poff[i + 1]], np.int32).copy(),
                              np.asarray(px["pos_region_size"][poff[i]:poff[i + 1]], np.int32).copy())
         elif self.config["score_mode"] == "binned":
@@ -402,13 +420,15 @@ class MeterSet:
             for c, st in (state.get("pixels_per_class") or {}).items():
                 binned_pc[c] = BinnedScores(bins)
                 binned_pc[c].load_state_dict(_check_binned(st, bins, f"pixels of class {c}"))
-        self._rows, self._chunks = rows, chunks
+        self._rows, self._chunks, self._scores, self._spent = rows, chunks, buffer, False
         if binned is not None:
             self._binned, self._binned_pc = binned, binned_pc
 
     def merge(self, other: "MeterSet") -> "MeterSet":
         """Add ``other``'s queries to this meter (disjoint keys required). Returns ``self``."""
         self._check_config(other.config, "merge meters")
+        self._check_live()
+        other._check_live()
         dup = set(self._rows) & set(other._rows)
         if dup:
             e, q, c = sorted(dup)[0]
@@ -416,7 +436,8 @@ class MeterSet:
                            f"({len(dup)} duplicates); shards must hold disjoint queries")
         self._rows.update({k: dict(v) for k, v in other._rows.items()})
         if self.config["score_mode"] == "exact":
-            self._chunks.update(other._chunks)
+            start = self._scores.append(other._scores.stored())
+            self._chunks.update({k: (a + start, *rest) for k, (a, *rest) in other._chunks.items()})
         elif self.config["score_mode"] == "binned":
             self._binned.merge(other._binned)
             for c, b in other._binned_pc.items():
@@ -429,8 +450,11 @@ class MeterSet:
         return len(self._rows)
 
     # ---- results -------------------------------------------------------------------------------
-    def compute(self) -> dict:
-        """All metrics as a JSON-able dict (fractions in [0, 1]; ``None`` where undefined)."""
+    def compute(self, consume: bool = False) -> dict:
+        """All metrics as a JSON-able dict (fractions in [0, 1]; ``None`` where undefined).
+        ``consume``: this is the meter's last use — exact mode sorts its stored scores in place
+        rather than a copy of them (half the memory, no copy), and the meter is spent afterwards."""
+        self._check_live()
         cfg = self.config
         keys = self._sorted_keys()
         r = self._columns(keys)
@@ -454,7 +478,8 @@ class MeterSet:
             if a is not None:
                 cls_auroc.append(a)
         out["image_auroc_classmean"] = float(np.mean(cls_auroc)) if cls_auroc else None
-        # pixel level
+        # pixel level (per class first: the pooled exact scores may then be sorted in place)
+        per_class = self._per_class_pixel_metrics(keys, r) if cfg["per_class_scores"] else None
         names = ("pixel_auroc", "pixel_f1_max", "pixel_f1_threshold", "aupro")
         if cfg["score_mode"] == "off":
             out.update({k: None for k in names})
@@ -462,26 +487,52 @@ class MeterSet:
             out.update(self._binned.compute(cfg["fpr_limit"]))
             out["bins"] = cfg["bins"]
         else:
-            out.update(_exact_pixel_metrics([self._chunks[k] for k in keys], int(r["n_regions"].sum()),
-                                            cfg["fpr_limit"]))
+            out.update(self._exact(keys, int(r["n_regions"].sum()), in_place=consume))
             if cfg["logits"] and out["pixel_f1_threshold"] is not None:
                 out["pixel_f1_threshold"] = float(_sigmoid(np.float64(out["pixel_f1_threshold"])))
-        if cfg["per_class_scores"] and cfg["score_mode"] != "off":
-            nreg = {}
-            for c, n in zip(r["class_key"], r["n_regions"].tolist()):
-                nreg[c] = nreg.get(c, 0) + n
+        if per_class is not None:
             for c, d in out["per_class"].items():
-                if cfg["score_mode"] == "binned":
-                    pc = self._binned_pc[c].compute(cfg["fpr_limit"])
-                else:
-                    pc = _exact_pixel_metrics([self._chunks[k] for k in keys if k[2] == c],
-                                              nreg[c], cfg["fpr_limit"])
-                d.update({k: pc[k] for k in ("pixel_auroc", "pixel_f1_max", "aupro")})
+                d.update(per_class[c])
             for k in ("pixel_auroc", "pixel_f1_max", "aupro"):
                 v = [d[k] for d in out["per_class"].values() if d[k] is not None]
                 out[k + "_classmean"] = float(np.mean(v)) if v else None
         out["n_pixels"] = int((r["tp"] + r["fp"] + r["fn"] + r["tn"]).sum())
+        if consume:
+            self._spent = True
+            self._scores.release()
         return out
+
+    def _per_class_pixel_metrics(self, keys: list[tuple], r: dict) -> dict[str, dict] | None:
+        """{class: its pixel_auroc, pixel_f1_max, aupro} (``None`` in score mode off)."""
+        if self.config["score_mode"] == "off":
+            return None
+        nreg: dict[str, int] = {}
+        for c, n in zip(r["class_key"], r["n_regions"].tolist()):
+            nreg[c] = nreg.get(c, 0) + n
+        out = {}
+        for c in nreg:
+            if self.config["score_mode"] == "binned":
+                pc = self._binned_pc[c].compute(self.config["fpr_limit"])
+            else:
+                pc = self._exact([k for k in keys if k[2] == c], nreg[c])
+            out[c] = {k: pc[k] for k in ("pixel_auroc", "pixel_f1_max", "aupro")}
+        return out
+
+    def _exact(self, keys: list[tuple], n_regions: int, in_place: bool = False) -> dict:
+        """Exact pixel metrics of the queries ``keys`` (sorted); ``in_place``: of every query, sorting
+        the buffer itself."""
+        stored = self._scores.stored()
+        ch = [self._chunks[k] for k in keys]
+        empty = np.zeros(0, stored.dtype)
+        pos = np.concatenate([stored[p.astype(np.int64) + a] for a, _, p, _ in ch]) if ch else empty
+        size = np.concatenate([s for _, _, _, s in ch]).astype(np.float64) if ch else np.zeros(0)
+        if in_place:
+            scores = stored
+        elif len(ch) == len(self._chunks):
+            scores = stored.copy()
+        else:
+            scores = np.concatenate([stored[a:a + n] for a, n, _, _ in ch]) if ch else empty
+        return _exact_pixel_metrics(scores, pos, size, n_regions, self.config["fpr_limit"])
 
 
 def _bad_state(what: str) -> FdsError:
@@ -605,15 +656,11 @@ def state_from_arrays(arrays: dict[str, np.ndarray]) -> dict:
     return state
 
 
-def _exact_pixel_metrics(chunks, n_regions: int, fpr_limit: float) -> dict:
-    """Exact pixel metrics from per-query chunks (scores, positive indices, their region sizes)
-    in canonical order. Every score of the run is sorted once; the negatives are that sorted array
-    minus the (few) positives' scores. Peak memory: the stored scores plus one sorted copy and the
-    positives, in the stored precision (float32, or float64 where the input was)."""
-    dtype = np.result_type(np.float32, *[c[0].dtype for c in chunks])
-    scores = np.concatenate([c[0] for c in chunks], dtype=dtype) if chunks else np.zeros(0, dtype)
-    pos = np.concatenate([c[0][c[1]] for c in chunks], dtype=dtype) if chunks else np.zeros(0, dtype)
-    size = np.concatenate([c[2] for c in chunks]).astype(np.float64) if chunks else np.zeros(0)
+def _exact_pixel_metrics(scores: np.ndarray, pos: np.ndarray, size: np.ndarray, n_regions: int,
+                         fpr_limit: float) -> dict:
+    """Exact pixel metrics from every pixel score (sorted here, in place), the positives' scores and
+    their regions' sizes, in canonical (sorted key) order. The negatives are the sorted scores minus
+    the (few) positives' scores: no pass over all pixels separates them."""
     scores.sort()
     order = np.argsort(pos, kind="stable")  # sorted needles make searchsorted cache-friendly
     pos, size = pos[order], size[order]

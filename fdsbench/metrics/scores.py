@@ -46,7 +46,9 @@ These bounds are returned with the values (``*_error_bound``) and are checked in
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 
 import numpy as np
 
@@ -58,6 +60,81 @@ histograms are bit-identical whatever the order; rounding error <= 2**-41 per (r
 # ---------------------------------------------------------------------------------------------
 # exact
 # ---------------------------------------------------------------------------------------------
+
+class ScoreBuffer:
+    """Every pixel score kept by an exact-mode meter, end to end in one array: float32, widened to
+    float64 (losslessly) once a wider map arrives. One piece, so the final sort can run in place
+    instead of on a second copy of the run's scores; :meth:`reserve` sizes it ahead (memory that is
+    not written is never touched), else it doubles when full.
+
+    Inside :meth:`reusing` (the runs of one benchmark), a buffer's memory is handed on when its
+    meter is done (:meth:`release`) to the next buffer that needs as much: its pages are mapped
+    already, where fresh ones would first be faulted in (and zeroed) by the kernel."""
+
+    _lock = threading.Lock()
+    _spare: np.ndarray | None = None
+    _reusing = 0
+
+    def __init__(self):
+        self.data = np.empty(0, np.float32)
+        self.size = 0
+
+    @classmethod
+    @contextlib.contextmanager
+    def reusing(cls):
+        with cls._lock:
+            cls._reusing += 1
+        try:
+            yield
+        finally:
+            with cls._lock:
+                cls._reusing -= 1
+                if not cls._reusing:
+                    cls._spare = None
+
+    def release(self) -> None:
+        """This buffer's scores are no longer needed: its memory goes to the next buffer (inside
+        :meth:`reusing`) or back to the system."""
+        with self._lock:
+            if self._reusing and (self._spare is None or self.data.size > self._spare.size):
+                type(self)._spare = self.data.base if self.data.base is not None else self.data
+        self.data, self.size = np.empty(0, self.data.dtype), 0
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    def _resize(self, capacity: int) -> None:
+        with self._lock:
+            spare = self._spare
+            if spare is not None and spare.dtype == self.data.dtype and spare.size >= capacity:
+                type(self)._spare, new = None, spare
+            else:
+                new = np.empty(capacity, self.data.dtype)
+        new[:self.size] = self.data[:self.size]
+        self.data = new
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` more scores without growing."""
+        if self.size + n > self.data.size:
+            self._resize(self.size + n)
+
+    def append(self, scores: np.ndarray) -> int:
+        """Copy ``scores`` (1-D float32/float64) to the end; returns where they start."""
+        dtype = np.result_type(self.data.dtype, scores.dtype)
+        if dtype != self.data.dtype:
+            self.data = self.data.astype(dtype)
+        start, end = self.size, self.size + scores.size
+        if end > self.data.size:
+            self._resize(max(end, 2 * self.data.size))
+        self.data[start:end] = scores
+        self.size = end
+        return start
+
+    def stored(self) -> np.ndarray:
+        """The scores appended so far (a view)."""
+        return self.data[:self.size]
+
 
 def _exact_div(num: int, den: int) -> float:
     """Correctly rounded num/den for Python ints (no intermediate float overflow or rounding)."""
