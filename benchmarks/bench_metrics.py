@@ -8,7 +8,8 @@ image, scores = noise + a shift on defect pixels, float32) is fed to
 * ``MeterSet(score_mode="binned")`` — image by image, constant memory (all metrics: segmentation
   counts, image score, pixel AUROC, F1-max and AUPRO with connected components);
 * ``BinnedScores`` alone — the pixel-score histograms only;
-* ``MeterSet(score_mode="exact")`` — keeps float32 scores, exact AUROC / F1-max / AUPRO;
+* ``MeterSet(score_mode="exact")`` — keeps float32 scores, exact AUROC / F1-max / AUPRO; fed as
+  the runner feeds it (``reserve`` of the pixels to come, ``compute(consume=True)`` at the end);
 * scikit-learn ``roc_auc_score`` + ``precision_recall_curve`` (+ F1 max) on the concatenated
   arrays (it needs all pixels in memory at once; building those arrays is not timed, their memory
   is counted).
@@ -41,10 +42,13 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def n_images(n_pixels: int, side: int) -> int:
+    return max(1, int(round(n_pixels / (side * side))))
+
+
 def images(n_pixels: int, side: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    n_img = max(1, int(round(n_pixels / (side * side))))
-    for i in range(n_img):
+    for i in range(n_images(n_pixels, side)):
         g = np.zeros((side, side), bool)
         for _ in range(1 + i % 3):
             y, x = rng.integers(0, side - side // 8, 2)
@@ -63,13 +67,14 @@ def worker(kind: str, n_pixels: int, side: int, bins: int) -> dict:
     n = 0
     if kind in ("binned", "exact"):
         m = MeterSet(score_mode=kind, bins=bins)
+        m.reserve(n_images(n_pixels, side) * side * side)
         for i, p, g in images(n_pixels, side):
             t0 = time.perf_counter()
             m.update(p, g, class_key="o/c", episode=i, query_id=f"q{i}")
             t_upd += time.perf_counter() - t0
             n += p.size
         t0 = time.perf_counter()
-        r = m.compute()
+        r = m.compute(consume=True)
         t_cmp = time.perf_counter() - t0
         res = {k: r[k] for k in ("pixel_auroc", "pixel_f1_max", "aupro")}
         res["pixel_auroc_error_bound"] = r.get("pixel_auroc_error_bound")
@@ -86,9 +91,9 @@ def worker(kind: str, n_pixels: int, side: int, bins: int) -> dict:
         t_cmp = time.perf_counter() - t0
         res = {"pixel_auroc": r["pixel_auroc"], "pixel_f1_max": r["pixel_f1_max"]}
     elif kind == "sklearn":
-        n_img = max(1, int(round(n_pixels / (side * side))))
-        s = np.empty(n_img * side * side, np.float32)
-        y = np.empty(n_img * side * side, bool)
+        n_px = n_images(n_pixels, side) * side * side
+        s = np.empty(n_px, np.float32)
+        y = np.empty(n_px, bool)
         for i, p, g in images(n_pixels, side):
             s[i * p.size:(i + 1) * p.size] = p.ravel()
             y[i * p.size:(i + 1) * p.size] = g.ravel()
