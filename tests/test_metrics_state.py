@@ -117,7 +117,7 @@ def test_reserved_score_buffer_is_filled_without_regrowing_and_widens_for_float6
     # a float64 map widens every stored score losslessly: the same as storing each map as it came
     wide = [(p.astype(np.float64) * (1 - 1e-12 if i % 2 else 1.0), *rest) for i, (p, *rest) in enumerate(qs)]
     mixed = run([w if i % 3 == 1 else q for i, (w, q) in enumerate(zip(wide, qs))])
-    assert mixed._scores.dtype == np.float64
+    assert mixed._scores.data.dtype == np.float64
     both = MeterSet()
     for part in (run([w for i, w in enumerate(wide) if i % 3 == 1]), run([q for i, q in enumerate(qs) if i % 3 != 1])):
         other = MeterSet()

@@ -97,12 +97,8 @@ class ScoreBuffer:
         :meth:`reusing`) or back to the system."""
         with self._lock:
             if self._reusing and (self._spare is None or self.data.size > self._spare.size):
-                type(self)._spare = self.data.base if self.data.base is not None else self.data
+                type(self)._spare = self.data
         self.data, self.size = np.empty(0, self.data.dtype), 0
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.data.dtype
 
     def _resize(self, capacity: int) -> None:
         with self._lock:
