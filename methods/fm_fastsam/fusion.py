@@ -3,7 +3,7 @@ with the released code's semantics as default.
 
 1. Disjoint masks (:func:`remove_overlap`): masks sorted by area (ascending); each loses the pixels
    already claimed by a smaller one.
-2. Selection (:func:`select`, eq. 12): o_i = |m_i ∧ R0| / |m_i| > τ1 (0.2) and — code only — the mask
+2. Selection (:func:`select`, eqs. 11–12): o_i = |m_i ∧ R0| / |m_i| > τ1 (0.2) and — code only — the mask
    is small (|m_i| < 0.4·S²) or its overlap is large (o_i > 0.6). R_sam = ∪ selected.
 3. Fusion (:func:`fuse`):
    * ``"code"`` (default): R0's 4-connected components; for every selected m with dilation
@@ -30,7 +30,7 @@ FUSIONS = ("code", "paper", "union", "sam_only")
 
 @dataclass(frozen=True)
 class FusionParams:
-    tau1: float = 0.2  # selection overlap threshold (eq. 12)
+    tau1: float = 0.2  # selection overlap threshold (eq. 11)
     area_cap: float = 0.4  # code-only clause: masks of area ≥ area_cap·S² need overlap > big_overlap
     big_overlap: float = 0.6
     dilation: int = 21  # square structuring element of the boundary refinement (odd)
