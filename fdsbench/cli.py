@@ -349,7 +349,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         with offline_from_env():  # FDSBENCH_OFFLINE=1 (the Makefile sets it): network attempts fail loudly
-            return args.func(args) or 0
+            code = args.func(args) or 0
+        if "fdsbench.runner" in sys.modules:  # under torchrun: leave the process group together
+            sys.modules["fdsbench.runner"].close_distributed()
+        return code
     except FdsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

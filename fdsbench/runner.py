@@ -157,7 +157,25 @@ def init_distributed(device: str) -> str:
         torch.cuda.set_device(torch.device(device))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+        _JOINED.append(True)
     return device
+
+
+_JOINED: list[bool] = []  # the process group init_distributed created (a caller's own one is left alone)
+
+
+def close_distributed() -> None:
+    """Leave the process group :func:`init_distributed` created, once a command has finished on
+    every rank: the ranks meet at a barrier, then each destroys the group (PyTorch asks for it
+    before exit; NCCL otherwise warns and can hang in its destructor)."""
+    if not _JOINED:
+        return
+    import torch.distributed as dist
+
+    _JOINED.clear()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
