@@ -213,6 +213,8 @@ def test_score_memory_is_handed_on_only_inside_reusing():
     first.release()
     assert not np.shares_memory(filled(50).data, memory)  # outside reusing: back to the system
     with ScoreBuffer.reusing():
+        ScoreBuffer().release()  # a binned or empty meter's buffer: nothing to hand on
+        assert ScoreBuffer._spare is None
         first = filled(100)
         memory = first.data
         first.release()

@@ -96,7 +96,7 @@ class ScoreBuffer:
         """This buffer's scores are no longer needed: its memory goes to the next buffer (inside
         :meth:`reusing`) or back to the system."""
         with self._lock:
-            if self._reusing and (self._spare is None or self.data.size > self._spare.size):
+            if self._reusing and self.data.size and (self._spare is None or self.data.size > self._spare.size):
                 type(self)._spare = self.data
         self.data, self.size = np.empty(0, self.data.dtype), 0
 
