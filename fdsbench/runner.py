@@ -146,6 +146,7 @@ def world() -> tuple[int, int]:
 def init_distributed(device: str) -> str:
     """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment):
     NCCL on CUDA with one GPU per local rank, Gloo on CPU. Returns this process's device."""
+    global _joined
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
     import torch
@@ -157,24 +158,25 @@ def init_distributed(device: str) -> str:
         torch.cuda.set_device(torch.device(device))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-        _JOINED.append(True)
+        _joined = True
     return device
 
 
-_JOINED: list[bool] = []  # the process group init_distributed created (a caller's own one is left alone)
+_joined = False  # init_distributed created the process group (a caller's own one is left alone)
 
 
 def close_distributed() -> None:
     """Leave the process group :func:`init_distributed` created, once a command has finished on
     every rank: the ranks meet at a barrier, then each destroys the group (PyTorch asks for it
     before exit; NCCL otherwise warns and can hang in its destructor)."""
-    if not _JOINED:
+    global _joined
+    if not _joined:
         return
     import torch.distributed as dist
 
-    _JOINED.clear()
+    _joined = False
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 
@@ -495,7 +497,7 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
         pred, value_range = validate_prediction(pred, query, method.name)
         if gt is None:  # predict-only query: the map is kept, nothing scored
             return pred
-        return meters.measure(pred, gt, query.id, value_range, split=spec.workers < 2)  # host_array's own
+        return meters.measure(pred, gt, query.id, value_range, split=spec.workers < 2)
 
     def score(out, query: Query, gt, ep: Episode) -> None:
         measured = out.result() if isinstance(out, Future) else measure(out, query, gt)

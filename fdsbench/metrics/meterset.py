@@ -528,8 +528,6 @@ class MeterSet:
         size = np.concatenate([s for _, _, _, s in ch]).astype(np.float64) if ch else np.zeros(0)
         if in_place:
             scores = stored
-        elif len(ch) == len(self._chunks):
-            scores = stored.copy()
         else:
             scores = np.concatenate([stored[a:a + n] for a, n, _, _ in ch]) if ch else empty
         return _exact_pixel_metrics(scores, pos, size, n_regions, self.config["fpr_limit"])

@@ -237,14 +237,10 @@ def aupro_exact(pos: np.ndarray, pos_weight: np.ndarray, neg, n_regions: int,
     lt = np.maximum(ns.searchsorted(p, "left") - not_above, 0)   # negatives in (l*, p)
     area = (float(np.dot(w, le)) + float(np.dot(w, lt))) / (2.0 * N * n_regions)
     # the segment of l* itself, up to the limit (linear interpolation inside it)
-    fb, fa = (N - not_above) / N, (N - below) / N
-    pb = min(1.0, float(w[p > top].sum()) / n_regions)
-    pa = min(1.0, float(w[p >= top].sum()) / n_regions)
-    if fa <= fpr_limit:
-        area += (fa - fb) * (pb + pa) / 2.0
-    elif fb < fpr_limit:
-        p_lim = pb + (fpr_limit - fb) / (fa - fb) * (pa - pb)
-        area += (fpr_limit - fb) * (pb + p_lim) / 2.0
+    seg = [np.array([v]) for v in ((N - not_above) / N, (N - below) / N,
+                                   min(1.0, float(w[p > top].sum()) / n_regions),
+                                   min(1.0, float(w[p >= top].sum()) / n_regions))]
+    area += _integrate(*seg, fpr_limit)[0]
     return min(1.0, area / fpr_limit)
 
 
