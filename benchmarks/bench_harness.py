@@ -23,7 +23,9 @@ all runs, for run 1 (every image decoded for the first time) and for runs 2+ (th
 them in its decoded-image cache; today's decodes them again). Every row of (a) and (b) is measured
 ``--repeats`` times, the rows taking turns, and printed as the median with the range: a single
 measurement of a few hundred milliseconds moves with the machine (page faults of fresh memory, other
-load). The load of the machine (1-minute load average, usable cores) is printed with the results.
+load). The load of the machine (1-minute load average, usable cores) is printed with the results, and
+for (b) the CPU time the new pipeline's run 1 spends decoding images (each once, in a first process):
+a floor under the wall time of that run on this machine's cores.
 """
 from __future__ import annotations
 
@@ -91,11 +93,29 @@ def child_run(args) -> None:
                      progress=False, force=True, protocol_options={"resize": [args.size, args.size], "crops": False})
     for k, v in json.loads(args.extra).items():
         setattr(spec, k, v)
+    decodes = []  # (wall-clock start, CPU seconds of the decoding thread) of every image decoded
+    try:
+        from fdsbench import loading
+    except ImportError:  # today's pipeline has no decoding of its own to time
+        loading = None
+    if loading is not None:
+        decode = loading.decode_image
+
+        def timed_decode(path):
+            start, c0 = time.time(), time.thread_time()
+            try:
+                return decode(path)
+            finally:
+                decodes.append((start, time.thread_time() - c0))
+        loading.decode_image = timed_decode
     records = run(spec, log=lambda m: None)
     runs = []
-    for r in records:  # the predict calls inside each run's wall-clock window
-        inside = [d for t, d in harness_plugin.CALLS if r["created"] <= t <= r["created"] + r["wall_s"]]
-        runs.append({"wall_s": r["wall_s"], "predict_s": sum(inside), "queries": r["metrics"]["n_queries"]})
+    for r in records:  # the predict calls and decodings inside each run's wall-clock window
+        def inside(calls):
+            return [d for t, d in calls if r["created"] <= t <= r["created"] + r["wall_s"]]
+        runs.append({"wall_s": r["wall_s"], "predict_s": sum(inside(harness_plugin.CALLS)),
+                     "decode_cpu_s": sum(inside(decodes)), "decoded": len(inside(decodes)),
+                     "queries": r["metrics"]["n_queries"]})
     print(json.dumps({"runs": runs}))
 
 
@@ -260,6 +280,12 @@ def main() -> None:
                 base = base or median(qps)
                 print(f"  {size:4d} px {label:8s} {pipe:18s} {median(qps):8.1f} queries/s  ({median(qps) / base:5.1f}x "
                       f"today) [{min(qps) / base:.1f}-{max(qps) / base:.1f}x]")
+        today = median(r["wall_s"] for r in totals("today (exact)", "harness_instant", size, slice(None)))
+        first = [m["runs"][0] for m in results[("new (exact)", "harness_instant", size)]]
+        cpu = median(r["decode_cpu_s"] for r in first)
+        print(f"  {size:4d} px: run 1 of a first process decodes its {first[0]['decoded']} images once: "
+              f"{cpu:.3f} CPU-s (decoding threads' time, median), at least {cpu / cores:.3f} s of wall on {cores} "
+              f"cores; 10x today over all runs leaves {today / 10:.3f} s for all of them")
     print(f"\n(c) one periodic save (5 new episodes of 256x256) after N and 10 N episodes")
     for pipeline, scores in (("today", "exact"), ("new", "exact"), ("new", "binned")):
         a, b = ckpt[(pipeline, scores, args.ckpt_episodes)], ckpt[(pipeline, scores, 10 * args.ckpt_episodes)]
