@@ -145,7 +145,6 @@ def child_ckpt(args) -> None:
             atomic_write_bytes(path, pickle.dumps({"done": sorted(done), "meters": meters.state_dict(),
                                                    "timing": timer.state_dict()}))
     else:
-        from fdsbench.episodes import Manifest  # noqa: F401
         from fdsbench.runner import ResumeState
 
         class _M:  # what ResumeState reads of a manifest
@@ -286,7 +285,7 @@ def main() -> None:
         print(f"  {size:4d} px: run 1 of a first process decodes its {first[0]['decoded']} images once: "
               f"{cpu:.3f} CPU-s (decoding threads' time, median), at least {cpu / cores:.3f} s of wall on {cores} "
               f"cores; 10x today over all runs leaves {today / 10:.3f} s for all of them")
-    print(f"\n(c) one periodic save (5 new episodes of 256x256) after N and 10 N episodes")
+    print("\n(c) one periodic save (5 new episodes of 256x256) after N and 10 N episodes")
     for pipeline, scores in (("today", "exact"), ("new", "exact"), ("new", "binned")):
         a, b = ckpt[(pipeline, scores, args.ckpt_episodes)], ckpt[(pipeline, scores, 10 * args.ckpt_episodes)]
         print(f"  {pipeline:5s} {scores:6s} N={args.ckpt_episodes:4d}: {1000 * a['save_s']:8.1f} ms "

@@ -4,7 +4,6 @@ Every user error is one line on stderr (``error: ...`` with the fix) and exit st
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -48,7 +48,7 @@ from .timing import ShapeWarmup, accelerate, autocast
 from .datasets_cli import open_dataset
 from .registry import get_dataset, get_method, load_plugin
 from .seeding import cpu_threads, derive_seed, seed_everything
-from .types import Episode, Query, Shot, SupportSet
+from .types import Episode, Query
 
 
 @dataclass

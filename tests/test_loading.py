@@ -263,6 +263,24 @@ def test_host_array_copies_what_the_method_still_refers_to():
     assert host_array(pred) is pred  # a fresh array only the caller holds: handed over as it is
 
 
+def test_probability_map_is_handed_over_without_a_second_copy():
+    import torch
+
+    from fdsbench.blocks.inference import probability_map
+
+    kept = torch.linspace(-0.5, 1.5, 35).reshape(5, 7)  # the method's own tensor, values outside [0, 1] too
+    pred = kept.numpy()
+    assert host_array(pred) is not pred  # a tensor's .numpy() view: copied (its memory is the method's)
+    for source in (kept[1:4], kept.to(torch.bfloat16)[1:4], kept.double().numpy()[1:4]):
+        pred = probability_map(source)
+        assert pred.dtype == np.float32 and pred.flags.c_contiguous and pred.flags.writeable
+        ref = source.float().numpy() if isinstance(source, torch.Tensor) else source.astype(np.float32)
+        assert np.array_equal(pred, np.clip(ref, 0, 1))
+        assert host_array(pred) is pred  # nothing else refers to it
+    kept.fill_(0.25)  # the method writes its tensor again: the map handed over does not change
+    assert pred.max() == 1 and pred.min() == 0
+
+
 @pytest.mark.parametrize("split_pixels", [None, 1])
 def test_an_output_outside_0_1_stops_the_run_naming_method_and_query(synthetic, tmp_path, monkeypatch, split_pixels):
     """The contract's check holds whether a map is measured by the scorer or on the measuring threads."""

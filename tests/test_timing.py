@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fdsbench.errors import FdsError
-from fdsbench.timing import TimingMeter, environment_info, latency_stats
+from fdsbench.timing import TimingMeter, latency_stats
 
 
 class FakeClock:

@@ -129,8 +129,10 @@ class Stitcher:
     def result(self) -> Stitched:
         if (self.count == 0).any():
             raise FdsError("stitching left pixels without any window (window boxes do not cover the image)")
-        return Stitched((self.heat / self.count).astype(np.float32),
-                        (self.binary / self.count).astype(np.float32), self.count.copy())
+
+        def mean(total: np.ndarray) -> np.ndarray:  # float64 sums over the coverage, stored as float32
+            return np.divide(total, self.count, out=np.empty(total.shape, np.float32), casting="same_kind")
+        return Stitched(mean(self.heat), mean(self.binary), self.count.copy())
 
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
@@ -169,5 +171,5 @@ def predict_whole(image: np.ndarray, model_fn: ModelFn, input_size: int) -> Stit
     prob = model_fn(x[None]).detach().float().cpu()[0]
     heat = restore_output(prob, valid, (H, W))
     binary = restore_output((prob > 0.5).float(), valid, (H, W), quantize=True)
-    return Stitched(heat.numpy().astype(np.float32), binary.numpy().astype(np.float32),
+    return Stitched(heat.numpy(), binary.numpy(),
                     np.ones((H, W), np.int32))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fdsbench.blocks.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
-from fdsbench.blocks.inference import inference_context
+from fdsbench.blocks.inference import inference_context, probability_map
 from fdsbench.errors import DataError, FdsError
 from fdsbench.method import Method
 from fdsbench.registry import register_method
@@ -239,7 +239,7 @@ class FeatureMatching(Method):
     def predict(self, state: FMState, query: Query) -> np.ndarray:
         """softmax(L)[1] at the query's original size (L upsampled there directly, align_corners=True)."""
         L = self.logits(state, query.image, query.size, f"query {query.id}")
-        return M.probability(L)[0].cpu().numpy().astype(np.float32)
+        return probability_map(M.probability(L)[0])
 
     # ---- provenance --------------------------------------------------------------------------
     def weights_provenance(self) -> dict[str, str]:

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import torch
 
+from fdsbench.blocks.inference import probability_map
 from fdsbench.errors import FdsError
 from fdsbench.registry import register_method
 from fdsbench.types import Query, Requirements
@@ -150,7 +151,7 @@ class FMFastSAM(FeatureMatching):
     def predict(self, state: FMState, query: Query) -> np.ndarray:
         R, p = self.fused(state, query.image, f"query {query.id}")
         out = torch.where(R, p.clamp(min=0.51), p.clamp(max=0.49)) if self.config.soft_fusion else R.float()
-        out = out.cpu().numpy().astype(np.float32)
+        out = probability_map(out)
         H, W_ = query.size
         if out.shape != (H, W_):
             out = cv2.resize(out, (W_, H), interpolation=cv2.INTER_NEAREST)

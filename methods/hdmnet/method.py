@@ -34,6 +34,7 @@ from fdsbench import weights as W
 from fdsbench.blocks.backbones import build_backbone, required_weights
 from fdsbench.blocks.backbones.deep_resnet import deep_base_key_map
 from fdsbench.blocks.backbones.taps import feature_taps, tap_dims
+from fdsbench.blocks.inference import probability_map
 from fdsbench.blocks.losses import dice_loss, mixed_normal_dice_loss
 from fdsbench.blocks.nr import EpisodeSampler, NRSettings
 from fdsbench.blocks.tiling import image_to_tensor, mask_to_tensor, predict_sliding, predict_whole
@@ -458,14 +459,14 @@ class HDMNetMethod(Method):
             out = self.model.forward_features(x, sup)[0] if c.variant == "official" else self.model.logits(x, sup)[0]
             out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=True)
             out = F.interpolate(out, size=query.size, mode="bilinear", align_corners=True)
-            m = torch.softmax(out.float(), 1)[0, 1].cpu().numpy()
+            m = torch.softmax(out.float(), 1)[0, 1]
         else:
             fn = lambda t: self._probability(t.to(self.device), sup)  # noqa: E731
             if state["whole"]:
                 m = predict_whole(query.image, fn, c.image_size).heat
             else:
                 m = predict_sliding(query.image, fn, c.image_size, window=state["window"], batch=c.window_batch).heat
-        return np.clip(m, 0.0, 1.0).astype(np.float32)
+        return probability_map(m)
 
     def describe(self) -> dict:
         d = super().describe()

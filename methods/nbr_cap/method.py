@@ -5,7 +5,6 @@ Fitted weights are cached under ``self.workdir`` keyed by (class, support ids, s
 encoder weights, normal pool ids, CPU thread count), so an episode with the same supports does not refit."""
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import re
@@ -19,6 +18,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from fdsbench.blocks.backbones import build_backbone
+from fdsbench.blocks.inference import probability_map
 from fdsbench.config import config_dict, config_hash
 from fdsbench.errors import FdsError
 from fdsbench.io import atomic_write_bytes, content_hash
@@ -227,7 +227,7 @@ class NBRCaP(Method):
         p = torch.sigmoid(state.model(x).float())
         if p.shape[-2:] != (h, w):
             p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
-        return p[0, 0].clamp_(0, 1).cpu().numpy().astype(np.float32)
+        return probability_map(p[0, 0])
 
 
 @dataclass

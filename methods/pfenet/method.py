@@ -36,6 +36,7 @@ from fdsbench import weights as W
 from fdsbench.blocks.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, required_weights
 from fdsbench.blocks.backbones.taps import feature_taps, tap_dims
 from fdsbench.blocks.fss_episodes import FSSEpisodes, FSSSettings
+from fdsbench.blocks.inference import probability_map
 from fdsbench.blocks.nr import EpisodeSampler, NRSettings
 from fdsbench.blocks.tiling import image_to_tensor, mask_to_tensor, predict_sliding, predict_whole
 from fdsbench.blocks.training import TrainLoop, param_groups
@@ -351,13 +352,13 @@ class PFENetMethod(Method):
 
         if c.test_path == "canvas":
             h, w = query.image.shape[:2]
-            out = canvas_output(fn(canvas_image(query.image, c.image_size)[None])[0].float().cpu(), h, w).numpy()
+            out = canvas_output(fn(canvas_image(query.image, c.image_size)[None])[0].float().cpu(), h, w)
         elif c.test_path == "resize":
             out = predict_whole(query.image, fn, c.image_size).heat
         else:
             out = predict_sliding(query.image, fn, c.image_size, window=c.window or c.image_size,
                                   batch=c.window_batch).heat
-        return np.clip(out, 0.0, 1.0).astype(np.float32)
+        return probability_map(out)
 
     def describe(self) -> dict:
         d = super().describe()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from fdsbench.blocks.backbones import build_backbone, imagenet_normalize, required_weights
 from fdsbench.blocks.features import CachedBackbone
+from fdsbench.blocks.inference import probability_map
 from fdsbench.method import Method
 from fdsbench.registry import register_method
 from fdsbench.types import Requirements
@@ -109,4 +110,4 @@ class Proto(Method):
             cos = F.normalize(state["prototypes"], dim=1) @ q  # [2, h*w]
             score = torch.softmax(self.config.temperature * cos, dim=0)[1].view(1, 1, h, w)
         out = F.interpolate(score, size=query.size, mode="bilinear", align_corners=False)[0, 0]
-        return out.clamp(0, 1).float().cpu().numpy()
+        return probability_map(out)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fdsbench import weights as W
-from fdsbench.blocks.inference import inference_context
+from fdsbench.blocks.inference import inference_context, probability_map
 from fdsbench.errors import DataError, FdsError, WeightsError
 from fdsbench.method import Method
 from fdsbench.registry import register_method
@@ -180,7 +180,7 @@ class Sam2VideoTrack(Method):
         low = self.query_logits(state, query.image, what=f"query {query.id}")
         H, W_ = query.size
         logits = O.logits_to_size(low.float(), (H, W_))
-        return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
+        return probability_map(torch.sigmoid(logits)[0, 0])
 
     def query_logits(self, state: O.SupportMemory, image: np.ndarray, what: str = "query") -> torch.Tensor:
         """The S/4 mask logits (1×1×S/4×S/4, float32) of one query against a cached memory."""

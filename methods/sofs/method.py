@@ -21,6 +21,7 @@ import torch
 from fdsbench import weights as W
 from fdsbench.blocks.backbones import build_backbone, required_weights
 from fdsbench.blocks.backbones.taps import feature_taps, tap_dims
+from fdsbench.blocks.inference import probability_map
 from fdsbench.config import config_hash
 from fdsbench.errors import FdsError
 from fdsbench.blocks.losses import dice_ce_loss
@@ -271,7 +272,7 @@ class SOFSMethod(Method):
         else:
             out = predict_sliding(query.image, fn, c.image_size, window=state["window"], batch=c.window_batch)
         m = out.heat if c.output == "heat" else out.binary
-        return np.clip(m, 0.0, 1.0).astype(np.float32)
+        return probability_map(m)
 
     def describe(self) -> dict:
         d = super().describe()
