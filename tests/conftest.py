@@ -27,6 +27,16 @@ def _no_network(monkeypatch):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Every test runs torch on one CPU thread (tests that need another count set it and restore it):
+    the tests' tiny ops run faster so on a shared 2-core machine, and the count does not depend on
+    which tests ran before (it is part of a CPU run's identity)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
     path = os.environ.get("FDSBENCH_TEST_CACHE") or str(tmp_path_factory.mktemp("fdsbench-cache"))
     os.environ["FDSBENCH_CACHE"] = path

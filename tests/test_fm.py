@@ -15,7 +15,6 @@ from fdsbench.methods.fm.method import to_input
 from fdsbench.metrics.segmentation import confusion, segmentation_metrics
 from fdsbench.types import Query, Shot, SupportSet
 
-torch.set_num_threads(1)
 
 KEYS = {
     ("s", "code"): ["0", "3", "6", "8"],

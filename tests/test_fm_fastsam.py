@@ -16,7 +16,6 @@ from fdsbench.errors import WeightsError
 from fdsbench.methods.fm_fastsam import FMFastSAM, FusionParams, fuse, remove_overlap, select
 from fdsbench.types import Query, Shot, SupportSet
 
-torch.set_num_threads(1)
 S = 256
 
 
