@@ -9,7 +9,10 @@ tree's ("new"), in one run of this script.
 (b) queries per second with a method that returns at once, on the synthetic dataset resized by the
     protocol to 256 x 256 (GFDS size) and to 1024 x 1024 — goal >= 10x today;
 (c) checkpoint cost (seconds and bytes written by one periodic save of 5 new episodes) after N and
-    after 10 N episodes of 256 x 256 queries — goal: no larger after 10 N.
+    after 10 N episodes of 256 x 256 queries — goal: no larger after 10 N;
+(d) a CPU method (predict keeps one core busy ~6 ms, 1024 x 1024 queries): its median predict time in
+    the run / its median predict time alone in the same process before the run — 1.0: the harness's
+    threads do not slow the method down (a CPU method's FPS is its own).
 
 Each pipeline runs in its own subprocess with the same plugin methods on the same episodes (the
 synthetic fss manifests of fold 0, seeds 0..runs-1). "today" is the baseline commit exported with
@@ -75,6 +78,17 @@ class Sleep(_Fixed):
         time.sleep(%(sleep)r)
 
 
+@register_method("harness_busy")
+class Busy(_Fixed):
+    """Keeps one core busy for a few milliseconds per query (a CPU method)."""
+    A = np.random.default_rng(0).random((160, 160))
+
+    def work(self):
+        x = self.A
+        for _ in range(40):
+            x = np.tanh(x @ self.A * 0.01)
+
+
 @register_method("harness_instant")
 class Instant(_Fixed):
     """Returns at once."""
@@ -94,6 +108,16 @@ def child_run(args) -> None:
                      progress=False, force=True, protocol_options={"resize": [args.size, args.size], "crops": False})
     for k, v in json.loads(args.extra).items():
         setattr(spec, k, v)
+    alone = None
+    if args.method == "harness_busy":  # the method's own predict time, before any harness thread exists
+        import types
+
+        import numpy as np
+        probe, query = harness_plugin.Busy(), types.SimpleNamespace(image=np.zeros((args.size, args.size, 3), np.uint8))
+        for _ in range(40):
+            probe.predict(None, query)
+        alone = median(d for _, d in harness_plugin.CALLS[10:])
+        harness_plugin.CALLS.clear()
     decodes = []  # (wall-clock start, CPU seconds of the decoding thread) of every image decoded
     try:
         from fdsbench import loading
@@ -116,8 +140,8 @@ def child_run(args) -> None:
             return [d for t, d in calls if r["created"] <= t <= r["created"] + r["wall_s"]]
         runs.append({"wall_s": r["wall_s"], "predict_s": sum(inside(harness_plugin.CALLS)),
                      "decode_cpu_s": sum(inside(decodes)), "decoded": len(inside(decodes)),
-                     "queries": r["metrics"]["n_queries"]})
-    print(json.dumps({"runs": runs}))
+                     "predict_median_s": median(inside(harness_plugin.CALLS)), "queries": r["metrics"]["n_queries"]})
+    print(json.dumps({"runs": runs, "alone_s": alone}))
 
 
 def child_ckpt(args) -> None:
@@ -232,7 +256,7 @@ def main() -> None:
         t_start = time.time()
         for rep in range(args.repeats):
             for method, size in (("harness_sleep", 256), ("harness_sleep", 1024), ("harness_instant", 256),
-                                 ("harness_instant", 1024)):
+                                 ("harness_instant", 1024), ("harness_busy", 1024)):
                 for label, pipeline, extra, disk in variants:
                     n = sum(map(len, results.values()))
                     wd = tmp / f"w-{n}"
@@ -295,6 +319,15 @@ def main() -> None:
               f"{a['bytes_written'] / 2 ** 20:7.2f} MiB   10N={10 * args.ckpt_episodes:4d}: "
               f"{1000 * b['save_s']:8.1f} ms {b['bytes_written'] / 2 ** 20:7.2f} MiB   "
               f"(10N / N time {b['save_s'] / a['save_s']:5.2f})")
+    print(f"\n(d) a CPU method, 1024 px: median predict time in the run / alone (goal: 1.0); median of "
+          f"{args.repeats} measurements [range]")
+    for pipe in labels:
+        for label, part in parts:
+            ratio = [median(r["predict_median_s"] for r in m["runs"][part]) / m["alone_s"]
+                     for m in results[(pipe, "harness_busy", 1024)]]
+            alone = median(m["alone_s"] for m in results[(pipe, "harness_busy", 1024)])
+            print(f"  {pipe:18s} {label:8s} {median(ratio):5.2f} [{min(ratio):.2f}-{max(ratio):.2f}]  "
+                  f"(alone {1000 * alone:.1f} ms)")
 
 
 if __name__ == "__main__":

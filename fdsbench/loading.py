@@ -45,6 +45,7 @@ from .errors import DataError, FdsError
 from .episodes import Manifest
 from .io import content_hash, read_image
 from .seeding import derive_seed
+from .timing import background_priority
 from .types import Episode, NormalPool, Query, Shot, SupportSet
 
 DEFAULT_CACHE_MB = 512
@@ -347,7 +348,7 @@ class EpisodeLoader:
             results: Iterator = map(load, items)
             pool = None
         else:
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="fdsbench-load")
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="fdsbench-load", initializer=background_priority)
             results = _ordered(pool, load, items, lookahead or 4 * workers + 2)
         try:
             for ep in episodes:
@@ -433,6 +434,7 @@ class OrderedWorker:
             self._thread.start()
 
     def _loop(self) -> None:
+        background_priority()
         while True:
             job = self._queue.get()
             try:

@@ -44,7 +44,7 @@ from .method import Method
 from .metrics import MeterSet
 from .metrics.meterset import SPLIT_PIXELS, state_from_arrays, state_to_arrays
 from .metrics.scores import ScoreBuffer
-from .timing import ShapeWarmup, accelerate, autocast
+from .timing import ShapeWarmup, accelerate, autocast, background_priority
 from .datasets_cli import open_dataset
 from .registry import get_dataset, get_method, load_plugin
 from .seeding import cpu_threads, derive_seed, seed_everything
@@ -491,7 +491,8 @@ def evaluate(spec: BenchSpec, method: Method, ds: DatasetAdapter, manifest: Mani
     # each output is validated and measured (large maps on the measuring threads, several at once),
     # then added to the meters in order on the scorer thread, overlapping the next predict
     scorer = OrderedWorker(enabled=spec.workers > 0)
-    measurer = ThreadPoolExecutor(spec.workers, thread_name_prefix="fdsbench-measure") if spec.workers > 0 else None
+    measurer = ThreadPoolExecutor(spec.workers, thread_name_prefix="fdsbench-measure",
+                                  initializer=background_priority) if spec.workers > 0 else None
 
     def measure(pred, query: Query, gt):
         pred, value_range = validate_prediction(pred, query, method.name)

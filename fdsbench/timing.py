@@ -41,6 +41,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 def precision_kind(precision: str) -> str:
     """The numeric precision of a method's precision label ("bf16-autocast+tf32" -> "bf16")."""
     return "bf16" if "bf16" in precision else ("fp16" if "fp16" in precision else "fp32")
+
+
 STATE_VERSION = 2
 
 
@@ -64,6 +66,25 @@ def synchronize(device) -> None:
         _torch().cuda.synchronize(device)
     elif kind == "mps":
         _torch().mps.synchronize()
+
+
+BACKGROUND_NICE = 10
+
+
+def background_priority() -> None:
+    """Lower the calling thread's CPU priority by ``BACKGROUND_NICE`` (Linux: each thread has its own
+    nice value). The harness's decoding and scoring threads call it as they start, so that where they
+    and the method want the same cores the method runs first: a CPU method's predict time stays its
+    own work. Elsewhere nothing changes (there the call would lower the whole process)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import threading
+
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+    except OSError:  # a sandbox that forbids it: the thread keeps its priority
+        pass
 
 
 def _cpu_name() -> str:

@@ -1,6 +1,8 @@
 """The episode pipeline: fast decoding equal to the reference decoder, bounded cache, background
 loading and scoring that change no number (any worker count, resumed runs), binned scores from the CLI."""
 import json
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -16,8 +18,10 @@ from fdsbench.loading import DecodedCache, EpisodeLoader, OrderedWorker, _read_n
 from fdsbench.method import Method
 from fdsbench.registry import register_method
 import fdsbench.runner as runner_module
+from fdsbench.metrics import MeterSet
 from fdsbench.metrics.scores import ScoreBuffer
 from fdsbench.runner import BenchSpec, run
+from fdsbench.timing import BACKGROUND_NICE
 from fdsbench.types import Requirements
 
 STOP = {"at": None, "calls": 0, "bad": None}  # interrupt at call "at"; a value above 1 at call "bad"
@@ -292,6 +296,32 @@ def test_an_output_outside_0_1_stops_the_run_naming_method_and_query(synthetic, 
             run(_spec(tmp_path, workers=2), log=lambda m: None)
     finally:
         STOP.update(bad=None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own priority is Linux's")
+def test_decoding_measuring_and_scoring_threads_yield_the_cores_to_the_method(synthetic, tmp_path, monkeypatch):
+    """Every thread the harness runs beside the method is niced below the method's thread."""
+    def nice():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {}
+
+    def spy(owner, name):
+        real = getattr(owner, name)
+
+        def wrapped(*a, **k):
+            seen.setdefault(threading.current_thread().name.rsplit("_", 1)[0], set()).add(nice())
+            return real(*a, **k)
+        monkeypatch.setattr(owner, name, wrapped)
+    spy(EpisodeLoader, "gt")  # the loading threads
+    spy(runner_module, "validate_prediction")  # the measuring threads
+    spy(MeterSet, "add")  # the scorer thread
+    monkeypatch.setattr(runner_module, "SPLIT_PIXELS", 1)  # every map measured on the measuring threads
+    STOP.update(at=None, calls=0)
+    main_nice = nice()
+    run(_spec(tmp_path, workers=2, max_episodes=2), log=lambda m: None)
+    assert seen.keys() == {"fdsbench-load", "fdsbench-measure", "fdsbench-score"}
+    assert all(v == {min(19, main_nice + BACKGROUND_NICE)} for v in seen.values()) and nice() == main_nice
 
 
 def test_binned_scores_from_the_cli(synthetic, tmp_path, capsys):

@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import FdsError
+from ..timing import background_priority
 from .scores import BinnedScores, ScoreBuffer, SortedNegatives, aupro_exact, auroc_exact, f1max_exact
 from .segmentation import AREA_EDGES, RATIO_EDGES, segmentation_metrics
 
@@ -75,7 +76,7 @@ def _helper() -> ThreadPoolExecutor:
     """This process's helper thread (a forked child gets its own: threads do not survive a fork)."""
     pid = os.getpid()
     if pid not in _HELPERS:
-        _HELPERS[pid] = ThreadPoolExecutor(1, thread_name_prefix="fdsbench-meter")
+        _HELPERS[pid] = ThreadPoolExecutor(1, thread_name_prefix="fdsbench-meter", initializer=background_priority)
     return _HELPERS[pid]
 
 
