@@ -29,7 +29,8 @@ them in its decoded-image cache; today's decodes them again). Every row of (a) a
 measurement of a few hundred milliseconds moves with the machine (page faults of fresh memory, other
 load). The load of the machine (1-minute load average, usable cores) is printed with the results, and
 for (b) the CPU time the new pipeline's run 1 spends decoding images (each once, in a first process):
-a floor under the wall time of that run on this machine's cores.
+a floor under the wall time of that run on this machine's cores, and the bytes it writes to the
+decoded-image disk cache.
 """
 from __future__ import annotations
 
@@ -141,7 +142,9 @@ def child_run(args) -> None:
         runs.append({"wall_s": r["wall_s"], "predict_s": sum(inside(harness_plugin.CALLS)),
                      "decode_cpu_s": sum(inside(decodes)), "decoded": len(inside(decodes)),
                      "predict_median_s": median(inside(harness_plugin.CALLS)), "queries": r["metrics"]["n_queries"]})
-    print(json.dumps({"runs": runs, "alone_s": alone}))
+    folder = Path(os.environ["FDSBENCH_DECODED_CACHE_DIR"])  # what the decoded-image disk cache holds now
+    cached = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+    print(json.dumps({"runs": runs, "alone_s": alone, "disk_cache_bytes": cached}))
 
 
 def child_ckpt(args) -> None:
@@ -238,6 +241,8 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--scores", default="exact", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.child and args.runs < 2:
+        ap.error("--runs must be at least 2: run 1 and runs 2+ are reported apart")
     if args.child:
         (child_run if args.kind == "run" else child_ckpt)(args)
         return
@@ -307,11 +312,13 @@ def main() -> None:
                 print(f"  {size:4d} px {label:8s} {pipe:18s} {median(qps):8.1f} queries/s  ({median(qps) / base:5.1f}x "
                       f"today) [{min(qps) / base:.1f}-{max(qps) / base:.1f}x]")
         today = median(r["wall_s"] for r in totals("today (exact)", "harness_instant", size, slice(None)))
-        first = [m["runs"][0] for m in results[("new (exact)", "harness_instant", size)]]
+        measured = results[("new (exact)", "harness_instant", size)]
+        first = [m["runs"][0] for m in measured]
         cpu = median(r["decode_cpu_s"] for r in first)
         print(f"  {size:4d} px: run 1 of a first process decodes its {first[0]['decoded']} images once: "
               f"{cpu:.3f} CPU-s (decoding threads' time, median), at least {cpu / cores:.3f} s of wall on {cores} "
-              f"cores; 10x today over all runs leaves {today / 10:.3f} s for all of them")
+              f"cores; the process writes {measured[0]['disk_cache_bytes'] / 1e6:.0f} MB of decoded images and masks "
+              f"to the disk cache; 10x today over all runs leaves {today / 10:.3f} s for all of them")
     print("\n(c) one periodic save (5 new episodes of 256x256) after N and 10 N episodes")
     for pipeline, scores in (("today", "exact"), ("new", "exact"), ("new", "binned")):
         a, b = ckpt[(pipeline, scores, args.ckpt_episodes)], ckpt[(pipeline, scores, 10 * args.ckpt_episodes)]
